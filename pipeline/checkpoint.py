@@ -1,0 +1,50 @@
+"""Self-describing checkpoints: weights plus the resolved config that built them.
+
+A checkpoint is a plain dict of tensors and JSON-like values, saved atomically
+(temp file, then rename) and loaded with `weights_only=True`, so loading it
+needs nothing but this file and cannot execute code.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or of the wrong kind."""
+
+
+def save_checkpoint(path, kind, config, state_dicts):
+    """Write {kind, config, state} to `path` atomically; `config` must be JSON-like."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, "kind": kind, "config": config,
+               "state": {name: sd for name, sd in state_dicts.items()}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, kinds):
+    """Load a checkpoint whose `kind` is one of `kinds`; raise CheckpointError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; run the stage that writes it first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or holds arbitrary objects
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a pipeline checkpoint (format_version {FORMAT_VERSION})")
+    if payload.get("kind") not in kinds:
+        raise CheckpointError(
+            f"checkpoint {path} is of kind {payload.get('kind')!r}; expected one of {sorted(kinds)}")
+    return payload

@@ -1,0 +1,172 @@
+"""The two teachers: a conditional EDM diffusion model and a diffusion bridge.
+
+- `EDMDenoiser`: D(x, sigma, y) = c_skip x + c_out F(c_in x, c_noise, [y, flag])
+  (Karras et al. 2022, Eq. 7). `y` is concatenated to the input with a flag
+  channel; condition dropout (`p_uncond`) replaces both by zeros so the same
+  network also gives the unconditional prediction that classifier-free
+  guidance needs (Ho & Salimans 2022).
+- `BridgeDenoiser`: x0_hat(x_t, t[, y]) with DDBM-style preconditioning (Zhou
+  et al. 2023, Sec. 4). `style="i2sb"` never shows `y` to the network (Liu et
+  al. 2023, I2SB); `style="ddbm"` concatenates it. The network's time input is
+  `t` itself, in [0, T].
+
+Both are trained by the weighted x0-regression losses of methods.md Sec. 1.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.bridge import BridgeSchedule, bridge_precond
+from pipeline.checkpoint import load_checkpoint
+from pipeline.nets import UNet
+from pipeline.samplers import sample
+from pipeline.schedules import edm_loss_weight, edm_precond, sample_training_sigma
+from pipeline.settings import BridgeTeacherParams, DiffusionTeacherParams, Params
+from pipeline.training import Task
+
+
+def _col(v):  # (B,) -> (B, 1, 1, 1) to broadcast over images
+    return v.reshape(-1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a network needs to know about the data: recorded in every checkpoint."""
+    channels: int
+    image_size: int
+    conditional: bool
+
+
+class EDMDenoiser(nn.Module):
+    def __init__(self, params: DiffusionTeacherParams, shape: DataShape):
+        super().__init__()
+        self.schedule = params.schedule  # the samplers read sigma_min/max, rho from it
+        self.sigma_data = params.schedule.sigma_data
+        self.conditional = shape.conditional
+        cond_channels = shape.channels + 1 if shape.conditional else 0
+        self.net = UNet(params.net, shape.channels + cond_channels, shape.channels)
+
+    def condition(self, y, keep):
+        """[y * keep, keep] as extra channels; y=None means the null condition for every sample."""
+        if y is None:
+            raise ValueError("condition() needs a y to take the shape from")
+        keep = torch.ones(len(y), device=y.device) if keep is None else keep.float()
+        flag = _col(keep).expand(-1, 1, *y.shape[-2:])
+        return torch.cat([y * _col(keep), flag], dim=1)
+
+    def forward(self, x, sigma, y=None, keep=None):
+        """x0 estimate at noise level sigma (B,); keep (B,) bool drops the condition where False."""
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        inp = _col(c_in) * x
+        if self.conditional:
+            if y is None:  # null condition: shape of y is that of x
+                y, keep = torch.zeros_like(x), torch.zeros(len(x), device=x.device)
+            inp = torch.cat([inp, self.condition(y, keep)], dim=1)
+        return _col(c_skip) * x + _col(c_out) * self.net(inp, c_noise)
+
+
+class BridgeDenoiser(nn.Module):
+    def __init__(self, params: BridgeTeacherParams, shape: DataShape):
+        super().__init__()
+        self.schedule = BridgeSchedule.of(params.schedule)  # the settings plus the bridge math
+        self.stats = (params.sigma_data, params.sigma_y, params.cov_xy)
+        self.sees_y = params.style == "ddbm"
+        in_channels = shape.channels * (2 if self.sees_y else 1)
+        self.net = UNet(params.net, in_channels, shape.channels)
+
+    def forward(self, x_t, t, y):
+        a, b, c = self.schedule.marginal(t)
+        c_skip, c_out, c_in = bridge_precond(a, b, c, *self.stats)
+        inp = _col(c_in) * x_t
+        if self.sees_y:
+            inp = torch.cat([inp, y], dim=1)
+        return _col(c_skip) * x_t + _col(c_out) * self.net(inp, t)
+
+
+class DiffusionTeacherTask(Task):
+    """EDM training: E w(sigma) ||D(x0 + sigma eps, sigma, y) - x0||^2, sigma log-normal."""
+
+    def __init__(self, params: DiffusionTeacherParams, shape: DataShape):
+        self.params, self.shape = params, shape
+
+    def build(self):
+        return {"denoiser": EDMDenoiser(self.params, self.shape)}
+
+    def loss(self, nets, batch, generator):
+        x0, y = batch["x0"], batch["y"] if self.shape.conditional else None
+        n, sched = len(x0), self.params.schedule
+        sigma = sample_training_sigma(n, sched, generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        keep = torch.rand(n, generator=generator).to(x0.device) >= self.params.p_uncond
+        x0_hat = nets["denoiser"](x0 + _col(sigma) * eps, sigma, y, keep)
+        weight = edm_loss_weight(sigma, sched.sigma_data)
+        return weight * (x0_hat - x0).square().flatten(1).mean(1)  # (B,)
+
+
+class BridgeTeacherTask(Task):
+    """Bridge matching: E lambda(t) ||x0_hat(x_t, t[, y]) - x0||^2, t ~ U(t_min, T)."""
+
+    def __init__(self, params: BridgeTeacherParams, shape: DataShape):
+        self.params, self.shape = params, shape
+
+    def build(self):
+        return {"denoiser": BridgeDenoiser(self.params, self.shape)}
+
+    def loss(self, nets, batch, generator):
+        x0, y = batch["x0"], batch["y"]
+        sched = BridgeSchedule.of(self.params.schedule)
+        t = sched.t_min + (sched.T - sched.t_min) * torch.rand(len(x0), generator=generator)
+        t = t.to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        a, b, c = sched.marginal(t)
+        x_t = _col(a) * y + _col(b) * x0 + _col(c) * eps
+        x0_hat = nets["denoiser"](x_t, t, y)
+        p = self.params
+        _, c_out, _ = bridge_precond(a, b, c, p.sigma_data, p.sigma_y, p.cov_xy)
+        return (x0_hat - x0).square().flatten(1).mean(1) / c_out.square()  # (B,)
+
+
+# One entry per teacher: params model, task; the checkpoint kind is "teacher_<name>".
+TEACHERS = {
+    "diffusion": (DiffusionTeacherParams, DiffusionTeacherTask),
+    "bridge": (BridgeTeacherParams, BridgeTeacherTask),
+}
+FAMILY = {"diffusion": "diffusion", "bridge": "bridge"}
+
+
+@dataclass
+class Teacher:
+    """A trained teacher ready to sample: `denoise` follows the sampler convention of its family."""
+    name: str
+    family: str
+    params: Params
+    shape: DataShape
+    denoiser: nn.Module
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def sample(self, sampler, y, noise, nfe, guidance=0.0):
+        """(x0 samples, NFE spent) with the sampler `sampler` of this teacher's family."""
+        y = y if self.shape.conditional else None
+        return sample(f"{self.family}/{sampler}", self.denoiser, y, noise, nfe, self.schedule,
+                      guidance)
+
+
+def teacher_config(name, params, shape):
+    return {"teacher": name, "params": params.model_dump(mode="json"), "shape": shape.__dict__}
+
+
+def load_teacher(path, names=tuple(TEACHERS)):
+    """Rebuild a teacher from its self-describing checkpoint (EMA weights)."""
+    payload = load_checkpoint(path, kinds={f"teacher_{n}" for n in names})
+    name = payload["config"]["teacher"]
+    params_cls, task_cls = TEACHERS[name]
+    params = params_cls.model_validate(payload["config"]["params"])
+    shape = DataShape(**payload["config"]["shape"])
+    denoiser = task_cls(params, shape).build()["denoiser"]
+    denoiser.load_state_dict(payload["state"]["denoiser"])
+    denoiser.eval().requires_grad_(False)
+    return Teacher(name, FAMILY[name], params, shape, denoiser)

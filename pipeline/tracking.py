@@ -1,0 +1,148 @@
+"""MLflow: one experiment per pipeline, one run per stage execution.
+
+Every run carries the tags `stage`, `model`, `method`, `teacher`, `git_commit`,
+`params_hash` and `group` (shared by the runs of one `dvc repro`), and is a
+child of that group's parent run, so the UI filters and nests them. Metrics
+are logged with `log_batch` (one database round trip per call, see stack.md).
+"""
+import hashlib
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+GROUP_TAG = "group"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or the URI is unusable."""
+
+
+def default_uri(project_dir):
+    return f"sqlite:///{project_dir.resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri, timeout_s=5.0):
+    """Fail fast, before any training, if an HTTP tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({err}); "
+                            "start it or unset MLFLOW_TRACKING_URI") from err
+
+
+def params_hash(params_dict):
+    blob = json.dumps(params_dict, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def git_commit(cwd):
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _experiment_id(client, name, artifact_root):
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root)
+
+
+def _group_parent(client, exp_id, group):
+    """The parent run of a group, created by whichever stage runs first."""
+    found = client.search_runs([exp_id], filter_string=f"tags.{GROUP_TAG} = '{group}' "
+                               "and tags.stage = 'pipeline'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"pipeline {group}",
+                            tags={GROUP_TAG: group, "stage": "pipeline"})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+class StageRun:
+    """An MLflow run for one stage execution; use as a context manager."""
+
+    def __init__(self, uri, experiment, run_name, tags, params, artifact_root):
+        check_reachable(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        exp_id = _experiment_id(self.client, experiment, artifact_root)
+        parent = _group_parent(self.client, exp_id, tags[GROUP_TAG])
+        tags = {**tags, "mlflow.parentRunId": parent}
+        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        flat = _flatten(params)
+        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in flat[i:i + 100]])
+
+    def child(self, run_name, tags):
+        """A nested run under this one (e.g. one per sampler of an evaluation)."""
+        parent = self.client.get_run(self.run_id).data.tags
+        tags = {**{k: v for k, v in parent.items() if not k.startswith("mlflow.")},
+                **tags, "mlflow.parentRunId": self.run_id}
+        run = self.client.create_run(self.client.get_run(self.run_id).info.experiment_id,
+                                     run_name=run_name, tags=tags)
+        return ChildRun(self.client, run.info.run_id, self.uri)
+
+    def logger(self):
+        return MetricLogger(self.uri, self.run_id)
+
+    def log_metrics(self, metrics, step=0):
+        self.logger()(metrics, step)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags):
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+        return False
+
+
+class ChildRun(StageRun):
+    """A run created by `StageRun.child`; same logging interface."""
+
+    def __init__(self, client, run_id, uri):
+        self.client, self.run_id, self.uri = client, run_id, uri
+
+
+class MetricLogger:
+    """Picklable `log(metrics, step)` for a run: Ray workers receive it and log from rank 0."""
+
+    def __init__(self, uri, run_id):
+        self.uri, self.run_id = uri, run_id
+
+    def __call__(self, metrics, step):
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        MlflowClient(tracking_uri=self.uri).log_batch(self.run_id, metrics=batch)
+
+
+def _param(key, value):
+    return Param(key, str(value)[:6000])
+
+
+def _flatten(d, prefix=""):
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out

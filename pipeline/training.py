@@ -1,0 +1,131 @@
+"""The training loop shared by every stage that trains a network.
+
+A `Task` says what to build and what to minimise; `run_training` owns the
+loop (batches, optimiser, EMA, periodic reports and checkpoints). Nothing
+here knows about Ray: `pipeline.distributed` passes `LoopHooks` that wrap the
+networks in DDP and turn reports into `ray.train.report` calls, and a bare
+`LoopHooks()` runs the same loop in-process (tests, benchmarks).
+"""
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline.settings import TrainParams
+
+
+class Task:
+    """What to train. Subclasses give `build` and `loss`; multi-network methods override `train_step`."""
+
+    def build(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def loss(self, nets, batch, generator) -> torch.Tensor:
+        """Per-sample loss, shape (B,)."""
+        raise NotImplementedError
+
+    def optimizers(self, nets, params: TrainParams):
+        trainable = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
+        return {"main": torch.optim.Adam(trainable, lr=params.lr, betas=params.adam_betas)}
+
+    def train_step(self, nets, optimizers, batch, generator, params: TrainParams):
+        """One optimisation step; returns scalar metrics."""
+        loss = self.loss(nets, batch, generator).mean()
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers.values():
+            params_of = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params_of, params.grad_clip)
+            opt.step()
+        return {"loss": loss.item()}
+
+
+@dataclass
+class LoopHooks:
+    """How the loop talks to its surroundings; the defaults run it bare, in-process."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    wrap: Callable[[nn.Module], nn.Module] = lambda net: net
+    report: Callable[[dict, dict | None], None] = lambda metrics, state: None
+    resume: dict | None = None
+    log: Callable[[dict, int], None] | None = None  # rank 0 only: e.g. MLflow
+    history: list = field(default_factory=list)
+
+
+def sample_batch(data, batch_size, generator, device):
+    """A random minibatch (with replacement) from in-memory tensors."""
+    n = len(next(iter(data.values())))
+    idx = torch.randint(0, n, (batch_size,), generator=generator)
+    return {k: v[idx].to(device) for k, v in data.items()}
+
+
+@torch.no_grad()
+def update_ema(ema, net, decay):
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+def _set_lr(optimizers, params, step):
+    scale = min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else 1.0
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = params.lr * scale
+
+
+def training_state(step, nets, ema, optimizers):
+    """Everything needed to resume: plain tensors and ints only (weights_only-loadable)."""
+    return {"step": step,
+            "nets": {k: v.state_dict() for k, v in nets.items()},
+            "ema": {k: v.state_dict() for k, v in ema.items()},
+            "optimizers": {k: v.state_dict() for k, v in optimizers.items()}}
+
+
+def _restore(state, nets, ema, optimizers):
+    for k in nets:
+        nets[k].load_state_dict(state["nets"][k])
+        ema[k].load_state_dict(state["ema"][k])
+    for k in optimizers:
+        optimizers[k].load_state_dict(state["optimizers"][k])
+    return state["step"]
+
+
+def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks = None):
+    """Train `task` on `data` (dict of tensors) for params.steps; return the final training state."""
+    hooks = hooks or LoopHooks()
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    nets = {k: v.to(hooks.device) for k, v in task.build().items()}
+    ema = {k: copy.deepcopy(v).requires_grad_(False) for k, v in nets.items()}
+    optimizers = task.optimizers(nets, params)
+    start = _restore(hooks.resume, nets, ema, optimizers) if hooks.resume else 0
+    wrapped = {k: hooks.wrap(v) for k, v in nets.items()}
+    # A distinct stream per rank (data parallelism) and per resume point.
+    generator = torch.Generator().manual_seed(seed * 7919 + hooks.rank * 104_729 + start)
+    per_worker = max(1, params.batch_size // hooks.world_size)
+    window, tick = [], time.perf_counter()
+    for step in range(start, params.steps):
+        _set_lr(optimizers, params, step)
+        batch = sample_batch(data, per_worker, generator, hooks.device)
+        window.append(task.train_step(wrapped, optimizers, batch, generator, params))
+        for k in nets:
+            update_ema(ema[k], nets[k], params.ema_decay)
+        done = step + 1
+        if done % params.log_every == 0 or done == params.steps:
+            seconds = time.perf_counter() - tick
+            metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+            metrics["step"] = done
+            metrics["samples_per_sec"] = len(window) * per_worker * hooks.world_size / seconds
+            checkpoint = done % params.checkpoint_every == 0 or done == params.steps
+            state = training_state(done, nets, ema, optimizers) if checkpoint else None
+            hooks.history.append(metrics)
+            if hooks.log is not None and hooks.rank == 0:
+                hooks.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, done)
+            hooks.report(metrics, state)
+            window, tick = [], time.perf_counter()
+    return training_state(params.steps, nets, ema, optimizers)

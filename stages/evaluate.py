@@ -1,0 +1,74 @@
+"""DVC stage `evaluate@<model>`: every sampler x every NFE, sharded over Ray workers."""
+import csv
+import json
+from pathlib import Path
+
+import common
+
+
+def write_outputs(out, rows, results, truth, grid_n):
+    from pipeline.data.prepare import staging_dir
+    from pipeline.evaluation import COLUMNS, METRICS, sample_grid
+    with staging_dir(Path(out)) as tmp:
+        nested = {}
+        for r in rows:
+            nested.setdefault(r["sampler"], {})[f"nfe_{r['nfe']:03d}"] = {m: r[m] for m in METRICS}
+        common.write_json(tmp / "metrics.json", nested)
+        with open(tmp / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        (tmp / "grids").mkdir()
+        for nfe in sorted({n for _, n in results}):
+            per_sampler = [results[k][0][:grid_n] for k in sorted(results) if k[1] == nfe]
+            sample_grid(tmp / "grids" / f"nfe_{nfe:03d}.png", [truth.y[:grid_n], truth.x0[:grid_n], *per_sampler])
+
+
+def main():
+    args = common.parse("evaluate", __doc__, [
+        ("name", {}), ("--model", {"required": True}), ("--data", {"required": True}),
+        ("--features", {"required": True}), ("--out", {"required": True})])
+    params = common.load(args, section="evaluate")
+    # Heavy imports only after the params validated (see common.py).
+    from pipeline.classifier import load_classifier
+    from pipeline.data.shards import load_split
+    from pipeline.distributed import cluster_cpus, parallel_map
+    from pipeline.evaluation import METRICS, merge_shards, plan, sample_shard, score, shard_jobs
+    from pipeline.teachers import load_teacher
+
+    ev = params.evaluate
+    teacher = load_teacher(args.model)  # fails fast on a missing or wrong-kind checkpoint
+    samplers = getattr(ev.samplers, teacher.family)
+    guidance = ev.guidance if teacher.family == "diffusion" else 0.0
+    jobs = plan(teacher.family, samplers, ev.nfe, guidance)
+    features = json.loads((Path(args.features) / "info.json").read_text())
+    common.connect_ray(params)
+    with common.stage_run(params, "evaluate", "evaluate", model=args.name, method="teacher",
+                          teacher=args.name) as run:
+        shards = shard_jobs(args.model, args.data, ev.n_samples, cluster_cpus(), jobs, ev.seed,
+                            guidance, ev.batch_size)
+        results = merge_shards(parallel_map(sample_shard, [(j,) for j in shards]))
+        truth = load_split(args.data, "test").head(ev.n_samples)
+        classifier = load_classifier(Path(args.features) / "classifier.pt")
+        fid_kwargs = {"extractor": features["extractor"], "cache_root": str(Path(args.features) / "fid_cache"),
+                      "reference_cache_name": features["reference"], "kid_subset_size": ev.kid_subset_size,
+                      "weights_path": str(Path(args.features) / "classifier.pt")
+                      if features["extractor"] == "classifier" else params.features.inception_weights}
+        rows = [{"model": args.name, "method": "teacher", "sampler": s, "nfe": nfe,
+                 **score(x, secs, truth, classifier, fid_kwargs, truth.conditional)}
+                for (s, nfe), (x, secs) in sorted(results.items())]
+        write_outputs(args.out, rows, results, truth, ev.grid_samples)
+        for sampler in samplers:
+            curve = [r for r in rows if r["sampler"] == sampler]
+            child = run.child(f"{args.name}/{sampler}", {"sampler": sampler, "stage": "evaluate",
+                              "nfe": ",".join(str(r["nfe"]) for r in curve)})
+            with child:
+                for r in curve:
+                    child.log_metrics({m: r[m] for m in METRICS}, step=r["nfe"])
+        run.log_artifact(Path(args.out) / "grids", "grids")
+        run.log_artifact(Path(args.out) / "metrics.csv")
+    print(f"evaluate@{args.name}: {len(rows)} (sampler, nfe) points -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""DVC stage `features`: train the FID feature classifier (Ray Train), cache test statistics."""
+import functools
+from pathlib import Path
+
+import common
+
+REFERENCE = "test"  # the FID reference set: the held-out test split's clean images
+
+
+def main():
+    args = common.parse("features", __doc__, [("--data", {"required": True}),
+                                               ("--out", {"required": True}),
+                                               ("--storage", {"default": "ray_results"})])
+    params = common.load(args, section="features")
+    # Heavy imports only after the params validated (see common.py).
+    from pipeline.classifier import ClassifierTask, accuracy, load_classifier, save_classifier
+    from pipeline.data.prepare import staging_dir
+    from pipeline.data.shards import load_split, load_tensors
+    from pipeline.distributed import fit
+    from pipeline.fid import cache_reference_statistics, fid_label
+
+    feats = params.features
+    train = load_split(args.data, "train")  # checks every shard's checksum: fails fast, naming it
+    task = ClassifierTask(feats.classifier, train.x0.shape[1], train.num_classes)
+    common.connect_ray(params)
+    with common.stage_run(params, "features", "features", model="classifier") as run:
+        state = fit(task, functools.partial(load_tensors, args.data, "train", ("x0", "label")), feats.train, params.seed,
+                    params.ray, args.storage, name=f"features-{run.run_id}", log=run.logger())
+        with staging_dir(Path(args.out)) as tmp:
+            model = task.build()["classifier"]
+            model.load_state_dict(state["ema"]["classifier"])
+            save_classifier(tmp / "classifier.pt", model, feats.classifier,
+                            task.in_channels, task.num_classes)
+            test = load_split(args.data, "test")
+            acc = accuracy(load_classifier(tmp / "classifier.pt"), test.x0, test.label)
+            weights = feats.inception_weights if feats.extractor != "classifier" else None
+            cache_reference_statistics(test.x0, cache_root=str(tmp / "fid_cache"),
+                                       reference_cache_name=REFERENCE, extractor=feats.extractor,
+                                       weights_path=weights or str(tmp / "classifier.pt"))
+            common.write_json(tmp / "info.json", {
+                "test_accuracy": acc, "extractor": feats.extractor, "fid_name": fid_label(feats.extractor),
+                "reference": REFERENCE, "n_reference": len(test.x0)})
+        run.log_metrics({"test_accuracy": acc})
+    print(f"features: classifier test accuracy {acc:.4f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""DVC stage `prepare`: load the source, split, corrupt (as Ray tasks), write shards."""
+import common
+
+
+def main():
+    args = common.parse("prepare", __doc__, [("--out", {"required": True})])
+    params = common.load(args)
+    # Heavy imports only after the params validated (see common.py).
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.distributed import parallel_map
+
+    def ray_map(fn, jobs):
+        return parallel_map(fn, [(job,) for job in jobs])
+
+    common.connect_ray(params)
+    with common.stage_run(params, "prepare", "data") as run:
+        manifest = prepare_dataset(params.data.source, params.corruption, params.data.n_test,
+                                   params.data.shard_size, params.seed, args.out, map_fn=ray_map)
+        counts = {f"{name}_count": entry["count"] for name, entry in manifest["splits"].items()}
+        run.log_metrics(counts)
+        run.set_tags({"corruption": params.corruption.kind, "source": params.data.source.kind})
+    print(f"prepare: wrote {args.out} ({counts})")
+
+
+if __name__ == "__main__":
+    main()

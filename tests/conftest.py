@@ -1,0 +1,50 @@
+"""Shared fixtures: the smoke profile and a Ray cluster owned by this process.
+
+The cluster is started with `ray.init` here (not `ray start`), so tearing it
+down never touches Ray processes that belong to anyone else on the host.
+Stage subprocesses join it through RAY_ADDRESS, which saves a Ray start per
+stage.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def smoke_params():
+    """The real params.yaml shrunk to seconds: 8x8 digits, tiny nets, a few steps."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(source={"kind": "digits"}, n_test=200, shard_size=400)
+    params["corruption"] = {"kind": "super_resolution", "factor": 2, "mode": "pool"}
+    params["features"]["train"].update(steps=60, log_every=20, checkpoint_every=60)
+    params["features"]["classifier"].update(channels=[16, 32], feature_dim=32)
+    for name in ("diffusion", "bridge"):
+        teacher = params["teacher"][name]
+        teacher["net"].update(channels=[16, 16], emb_dim=32)
+        teacher["train"].update(steps=30, batch_size=32, log_every=10, checkpoint_every=30,
+                                warmup_steps=5)
+    params["evaluate"].update(nfe=[1, 2, 4], n_samples=48, batch_size=24, grid_samples=8,
+                              kid_subset_size=16)
+    return params
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    import ray
+
+    from pipeline.distributed import RAY_ENV
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": dict(RAY_ENV)})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,123 @@
+"""The whole chain on the smoke profile via `dvc repro`, in a temporary copy of the
+project: outputs, MLflow records, a no-op second run, precise invalidation, and bad
+input rejected without touching what earlier stages produced."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, smoke_params
+
+pytestmark = pytest.mark.slow
+
+COPIED = ["pipeline", "stages", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", "pyproject.toml"]
+
+
+def sh(cmd, cwd, env, check=True):
+    out = subprocess.run(cmd, cwd=cwd, env=env, shell=True, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, ray_address):
+    root = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        src, dst = ROOT / name, root / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
+    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "smoke",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sh("git init -q && git add -A && git commit -qm smoke", root, env)
+    tick = time.perf_counter()
+    sh("dvc repro", root, env)
+    print(f"smoke dvc repro: {time.perf_counter() - tick:.1f} s")
+    return root, env
+
+
+def test_chain_writes_the_report(project):
+    root, _ = project
+    table = pd.read_csv(root / "results" / "fid_vs_nfe.csv")
+    assert list(table.columns) == ["model", "method", "sampler", "nfe", "fid", "kid", "psnr",
+                                   "ssim", "accuracy", "sec_per_sample"]
+    params = smoke_params()
+    expected = {("diffusion", s) for s in params["evaluate"]["samplers"]["diffusion"]}
+    expected |= {("bridge", s) for s in params["evaluate"]["samplers"]["bridge"]}
+    assert set(zip(table["model"], table["sampler"])) == expected
+    assert table["fid"].notna().all() and (table["sec_per_sample"] > 0).all()
+    assert (table["nfe"] <= max(params["evaluate"]["nfe"])).all()
+    for name in ("fid_vs_nfe.png", "summary.md", "fid_vs_nfe_curves.csv"):
+        assert (root / "results" / name).stat().st_size > 0
+    assert "Pareto front" in (root / "results" / "summary.md").read_text()
+    for model in ("diffusion", "bridge"):
+        grids = sorted((root / "results" / "eval" / model / "grids").glob("nfe_*.png"))
+        assert grids, model
+
+
+def test_mlflow_has_tagged_runs_and_fid_curves(project):
+    root, _ = project
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("distillation")
+    runs = client.search_runs([exp.experiment_id], "tags.group = 'smoke'")
+    stages = {r.data.tags["stage"] for r in runs}
+    assert {"pipeline", "prepare", "features", "teacher", "evaluate", "report"} <= stages
+    for r in runs:
+        if r.data.tags["stage"] != "pipeline":
+            assert r.data.tags["git_commit"] != "unknown" and len(r.data.tags["params_hash"]) == 12
+    curve = [r for r in runs if r.info.run_name == "diffusion/heun"][0]
+    history = client.get_metric_history(curve.info.run_id, "fid")
+    assert sorted(m.step for m in history) == [1, 3]  # Heun: 2N-1 NFE, so 2 and 4 map to 1 and 3
+    teacher = [r for r in runs if r.data.tags["stage"] == "teacher"][0]
+    assert client.get_metric_history(teacher.info.run_id, "train/loss")
+
+
+def test_second_repro_runs_nothing(project):
+    root, env = project
+    tick = time.perf_counter()
+    out = sh("dvc repro", root, env)
+    elapsed = time.perf_counter() - tick
+    assert "Running stage" not in out.stdout
+    print(f"no-op dvc repro: {elapsed:.2f} s")
+
+
+def test_changing_one_teacher_invalidates_only_its_branch(project):
+    root, env = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["teacher"]["bridge"]["train"]["lr"] = 0.001
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = sh("dvc repro --dry", root, env).stdout
+    finally:
+        sh("git checkout params.yaml", root, env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"teacher@bridge", "evaluate@bridge", "report"}
+
+
+def test_truncated_shard_is_named_and_earlier_outputs_survive(project):
+    root, env = project
+    shard = sorted((root / "data" / "prepared").glob("train-*.pt"))[0]
+    model = root / "models" / "diffusion.pt"
+    before = (shard.read_bytes(), model.stat().st_mtime_ns)
+    try:
+        shard.write_bytes(before[0][: len(before[0]) // 2])
+        out = sh(f"python stages/teacher.py diffusion --data data/prepared --out {model}", root, env,
+                 check=False)
+        assert out.returncode != 0
+        assert shard.name in out.stderr
+        assert model.stat().st_mtime_ns == before[1]
+    finally:
+        shard.write_bytes(before[0])

@@ -1,0 +1,101 @@
+"""params.yaml validation: the shipped file is valid, and each kind of mistake is
+reported with the key that is wrong, fast and before anything heavy is imported."""
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_params, parse_params
+from pipeline.settings import BRIDGE_SAMPLER_NAMES, DIFFUSION_SAMPLER_NAMES, TEACHER_NAMES
+
+from tests.conftest import ROOT, smoke_params
+
+
+def shipped():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_params_and_smoke_profile_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.corruption.kind == "super_resolution" and params.corruption.factor == 4
+    assert params.data.source.kind == "mnist5k"
+    assert 1 in params.evaluate.nfe and 64 in params.evaluate.nfe
+    parse_params(smoke_params())
+
+
+def test_names_in_settings_match_the_registries():
+    from pipeline.samplers import BRIDGE_SAMPLERS, DIFFUSION_SAMPLERS
+    from pipeline.teachers import TEACHERS
+    assert set(DIFFUSION_SAMPLER_NAMES) == set(DIFFUSION_SAMPLERS)
+    assert set(BRIDGE_SAMPLER_NAMES) == set(BRIDGE_SAMPLERS)
+    assert set(TEACHER_NAMES) == set(TEACHERS)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("teacher", "diffusion", "train", "lr"), -1.0, "teacher.diffusion.train.lr"),
+    (("teacher", "bridge", "train", "stepz"), 3, "teacher.bridge.train.stepz"),
+    (("teacher", "bridge", "style"), "ddim", "teacher.bridge.style"),
+    (("features", "train", "batch_size"), "big", "features.train.batch_size"),
+    (("corruption", "kind"), "rain", "corruption"),
+    (("corruption", "factor"), 1, "corruption.super_resolution.factor"),
+    (("evaluate", "nfe"), [4, 2], "evaluate.nfe"),
+    (("evaluate", "samplers", "diffusion"), ["ddim", "magic"], "evaluate.samplers.diffusion"),
+    (("evaluate", "models"), ["diffusion", "gan"], "evaluate.models"),
+    (("ray", "num_workers"), 0, "ray.num_workers"),
+])
+def test_bad_value_names_its_key(path, value, message):
+    raw = shipped()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["corruption"].update(factor=3), "factor=3 must divide the image size 28x28"),
+    (lambda r: r["evaluate"].update(n_samples=5000), "exceeds data.n_test"),
+    (lambda r: r.update(corruption={"kind": "none"}), "bridge nothing to start from"),
+    (lambda r: r.update(corruption={"kind": "paired"}), "'paired' goes with 'paired'"),
+])
+def test_inconsistent_sections_are_explained(change, message):
+    raw = shipped()
+    change(raw)
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("teacher: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_stage_rejects_bad_params_fast_and_before_heavy_imports(tmp_path):
+    raw = shipped()
+    raw["teacher"]["bridge"]["train"]["lr"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    tick = time.perf_counter()
+    out = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "stages" / "teacher.py"),
+                          "bridge", "--data", "d", "--out", "o", "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    elapsed = time.perf_counter() - tick
+    assert out.returncode != 0
+    assert "teacher.bridge.train.lr" in out.stderr
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "import time:" in line}
+    assert not {"torch", "ray", "mlflow"} & imported
+    print(f"rejected in {elapsed:.2f} s")
+
+
+def test_dry_run_prints_resolved_section(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "teacher.py"), "diffusion", "--data", "d",
+                          "--out", "o", "--dry-run", "--params", str(ROOT / "params.yaml")],
+                         capture_output=True, text=True, check=True)
+    printed = yaml.safe_load(out.stdout)
+    assert printed["teacher.diffusion"]["schedule"]["sigma_max"] == 80.0
+    assert printed["teacher.diffusion"]["train"]["adam_betas"] == [0.9, 0.999]  # defaults resolved

@@ -1,0 +1,87 @@
+"""PSNR and SSIM: exact on identical images, falling with noise, fine at 8x8."""
+import math
+
+import pytest
+import torch
+
+from pipeline.metrics import gaussian_window, psnr, ssim
+
+
+def images(shape, seed=0):
+    """Smooth random images in [-1, 1]: upsampled noise, so SSIM has structure to lose."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    coarse = torch.rand(n, c, max(h // 4, 2), max(w // 4, 2), generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def noisy(x, std, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (x + std * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+SHAPES = [(4, 1, 8, 8), (4, 1, 28, 28), (4, 3, 32, 32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_psnr_identical_is_finite_and_large(shape):
+    x = images(shape)
+    value = psnr(x, x)
+    assert value.shape == (shape[0],)
+    assert torch.isfinite(value).all() and (value > 100).all()
+
+
+def test_psnr_matches_closed_form():
+    x = torch.zeros(2, 1, 8, 8)
+    ref = torch.full_like(x, 0.2)  # mse 0.04 -> 10 log10(4 / 0.04) = 20 dB
+    assert torch.allclose(psnr(x, ref), torch.tensor([20.0, 20.0]), atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", [psnr, ssim])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_falls_as_noise_grows(metric, shape):
+    x = images(shape)
+    values = [metric(noisy(x, std), x).mean().item() for std in (0.05, 0.2, 0.5)]
+    assert values[0] > values[1] > values[2]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ssim_identical_is_one(shape):
+    x = images(shape)
+    value = ssim(x, x)
+    assert value.shape == (shape[0],)
+    assert torch.allclose(value, torch.ones(shape[0]), atol=1e-6)
+
+
+def test_ssim_is_per_sample():
+    x = images((3, 1, 8, 8))
+    y = torch.cat([x[:1], noisy(x[1:2], 0.1), noisy(x[2:], 0.5)])  # identical, a little noise, a lot
+    value = ssim(y, x)
+    assert value[0] == pytest.approx(1.0, abs=1e-6)
+    assert 1 > value[1] > value[2]
+
+
+def test_ssim_of_unrelated_noise_is_near_zero():
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.rand(2, 16, 1, 32, 32, generator=g) * 2 - 1).unbind(0)
+    assert ssim(x, y).mean().abs() < 0.05
+
+
+def test_ssim_is_symmetric():
+    x, y = images((2, 3, 32, 32)), images((2, 3, 32, 32), seed=5)
+    assert torch.allclose(ssim(x, y), ssim(y, x), atol=1e-6)
+
+
+def test_gaussian_window_is_normalised():
+    w = gaussian_window(11, 1.5)
+    assert w.shape == (11, 11)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[5, 5] == w.max()
+    assert math.isclose(w[5, 4].item() / w[5, 5].item(), math.exp(-1 / (2 * 1.5**2)), rel_tol=1e-9)
+
+
+def test_mismatched_shapes_raise():
+    with pytest.raises(ValueError, match="one shape"):
+        psnr(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="one shape"):
+        ssim(torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, 8, 8))

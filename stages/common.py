@@ -20,6 +20,11 @@ from pipeline.config import ConfigError, load_params
 PROJECT = Path(__file__).resolve().parent.parent
 
 
+def path(arg):
+    """Path arguments are made absolute: Ray workers do not share the driver's cwd."""
+    return Path(arg).resolve()
+
+
 def parse(stage, description, extra=()):
     """Parse argv: `--params`, `--dry-run` and the stage's own `(flag, kwargs)` arguments."""
     parser = argparse.ArgumentParser(prog=f"stages/{stage}.py", description=description)

@@ -26,8 +26,8 @@ def write_outputs(out, rows, results, truth, grid_n):
 
 def main():
     args = common.parse("evaluate", __doc__, [
-        ("name", {}), ("--model", {"required": True}), ("--data", {"required": True}),
-        ("--features", {"required": True}), ("--out", {"required": True})])
+        ("name", {}), ("--model", {"required": True, "type": common.path}), ("--data", {"required": True, "type": common.path}),
+        ("--features", {"required": True, "type": common.path}), ("--out", {"required": True, "type": common.path})])
     params = common.load(args, section="evaluate")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.classifier import load_classifier

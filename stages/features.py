@@ -8,9 +8,9 @@ REFERENCE = "test"  # the FID reference set: the held-out test split's clean ima
 
 
 def main():
-    args = common.parse("features", __doc__, [("--data", {"required": True}),
-                                               ("--out", {"required": True}),
-                                               ("--storage", {"default": "ray_results"})])
+    args = common.parse("features", __doc__, [("--data", {"required": True, "type": common.path}),
+                                               ("--out", {"required": True, "type": common.path}),
+                                               ("--storage", {"default": "ray_results", "type": common.path})])
     params = common.load(args, section="features")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.classifier import ClassifierTask, accuracy, load_classifier, save_classifier

@@ -3,7 +3,7 @@ import common
 
 
 def main():
-    args = common.parse("prepare", __doc__, [("--out", {"required": True})])
+    args = common.parse("prepare", __doc__, [("--out", {"required": True, "type": common.path})])
     params = common.load(args)
     # Heavy imports only after the params validated (see common.py).
     from pipeline.data.prepare import prepare_dataset

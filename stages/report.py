@@ -7,8 +7,8 @@ import common
 
 def main():
     args = common.parse("report", __doc__, [
-        ("--evals", {"required": True}), ("--features", {"required": True}),
-        ("--out", {"required": True})])
+        ("--evals", {"required": True, "type": common.path}), ("--features", {"required": True, "type": common.path}),
+        ("--out", {"required": True, "type": common.path})])
     params = common.load(args, section="evaluate")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.report import collect, plot_fid_vs_nfe, plot_rows, summary_markdown

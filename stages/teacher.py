@@ -8,8 +8,8 @@ from pipeline.settings import TEACHER_NAMES
 def main():
     args = common.parse("teacher", __doc__, [
         ("name", {"choices": TEACHER_NAMES}),
-        ("--data", {"required": True}), ("--out", {"required": True}),
-        ("--storage", {"default": "ray_results"})])
+        ("--data", {"required": True, "type": common.path}), ("--out", {"required": True, "type": common.path}),
+        ("--storage", {"default": "ray_results", "type": common.path})])
     params = common.load(args, section=f"teacher.{args.name}")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.checkpoint import save_checkpoint

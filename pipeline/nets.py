@@ -56,12 +56,13 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x, c_noise) -> (B, out_channels, H, W) for any H, W divisible by 2**(levels-1)."""
+    """F(x, c_noise) -> (B, out_channels, H, W) for H, W divisible by patch * 2**(levels-1)."""
 
     def __init__(self, params: UNetParams, in_channels, out_channels):
         super().__init__()
-        ch, e = params.channels, params.emb_dim
+        ch, e, self.patch = params.channels, params.emb_dim, params.patch
         self.in_channels, self.out_channels = in_channels, out_channels
+        in_channels, out_channels = in_channels * self.patch ** 2, out_channels * self.patch ** 2
         self.embed = nn.Sequential(FourierEmbedding(e), nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.stem = nn.Conv2d(in_channels, ch[0], 3, padding=1)
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
@@ -85,6 +86,8 @@ class UNet(nn.Module):
 
     def forward(self, x, c_noise):
         emb = self.embed(c_noise)
+        if self.patch > 1:
+            x = nn.functional.pixel_unshuffle(x, self.patch)  # (B, C p^2, H/p, W/p)
         h, hs = self.stem(x), []
         for i, block in enumerate(self.down):
             h = block(h, emb)
@@ -97,4 +100,5 @@ class UNet(nn.Module):
             if h.shape[-2:] != skip.shape[-2:]:
                 h = nn.functional.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb)
-        return self.head(h)
+        h = self.head(h)
+        return nn.functional.pixel_shuffle(h, self.patch) if self.patch > 1 else h

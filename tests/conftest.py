@@ -24,7 +24,7 @@ def smoke_params():
     params["features"]["classifier"].update(channels=[16, 32], feature_dim=32)
     for name in ("diffusion", "bridge"):
         teacher = params["teacher"][name]
-        teacher["net"].update(channels=[16, 16], emb_dim=32)
+        teacher["net"].update(patch=2, channels=[16, 16], emb_dim=32)
         teacher["train"].update(steps=30, batch_size=32, log_every=10, checkpoint_every=30,
                                 warmup_steps=5)
     params["evaluate"].update(nfe=[1, 2, 4], n_samples=48, batch_size=24, grid_samples=8,

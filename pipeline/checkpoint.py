@@ -27,6 +27,7 @@ def save_checkpoint(path, kind, config, state_dicts):
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -126,6 +126,7 @@ def save_classifier(path, model, params, in_channels, num_classes):
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

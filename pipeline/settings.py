@@ -36,11 +36,8 @@ class DigitsSource(Params):
     image_shape: ClassVar[tuple] = (1, 8, 8)
 
 
-class FolderSource(Params):
-    """Images under `path` (recursive). Class = first sub-folder name (sorted), 0 if flat.
-    Images are centre-cropped to a square, then resized to image_size (bicubic)."""
-    kind: Literal["folder"] = "folder"
-    path: Path
+class _ImageFiles(Params):
+    """Image files, centre-cropped to a square and resized to image_size (bicubic)."""
     image_size: int = Field(64, ge=4, le=1024)
     channels: Literal[1, 3] = 3
 
@@ -49,18 +46,18 @@ class FolderSource(Params):
         return (self.channels, self.image_size, self.image_size)
 
 
-class PairedSource(Params):
+class FolderSource(_ImageFiles):
+    """Images under `path` (recursive). Class = first sub-folder name (sorted), 0 if flat."""
+    kind: Literal["folder"] = "folder"
+    path: Path
+
+
+class PairedSource(_ImageFiles):
     """Image-to-image pairs (Edges2Handbags style): x0 from `a`, y from `b`; files pair
     up by relative path without extension (a/x/1.jpg <-> b/x/1.png)."""
     kind: Literal["paired"] = "paired"
     a: Path
     b: Path
-    image_size: int = Field(64, ge=4, le=1024)
-    channels: Literal[1, 3] = 3
-
-    @property
-    def image_shape(self):
-        return (self.channels, self.image_size, self.image_size)
 
 
 class Cifar10Source(Params):

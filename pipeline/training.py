@@ -117,7 +117,10 @@ def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks =
             update_ema(ema[k], nets[k], params.ema_decay)
         done = step + 1
         if done % params.log_every == 0 or done == params.steps:
-            seconds = time.perf_counter() - tick
+            # A window runs from the end of one report to the end of the next step
+            # batch: the report's own cost (a Ray barrier) lands in the next window.
+            now = time.perf_counter()
+            seconds, tick = now - tick, now
             metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
             metrics["step"] = done
             metrics["samples_per_sec"] = len(window) * per_worker * hooks.world_size / seconds
@@ -127,5 +130,5 @@ def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks =
             if hooks.log is not None and hooks.rank == 0:
                 hooks.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, done)
             hooks.report(metrics, state)
-            window, tick = [], time.perf_counter()
+            window = []
     return training_state(params.steps, nets, ema, optimizers)

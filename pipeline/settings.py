@@ -193,6 +193,7 @@ class TrainParams(Params):
     batch_size: int = Field(128, ge=1, le=65_536)  # global: split evenly over workers
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     warmup_steps: int = Field(100, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to 0 after warm-up
     adam_betas: tuple[float, float] = (0.9, 0.999)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, gt=0.0)

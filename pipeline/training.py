@@ -7,6 +7,7 @@ networks in DDP and turn reports into `ray.train.report` calls, and a bare
 `LoopHooks()` runs the same loop in-process (tests, benchmarks).
 """
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -72,8 +73,18 @@ def update_ema(ema, net, decay):
         b_ema.copy_(b)
 
 
+def lr_scale(params, step):
+    """Linear warm-up, then constant or a cosine decay to 0 at the last step."""
+    if step < params.warmup_steps:
+        return (step + 1) / params.warmup_steps
+    if params.lr_schedule == "constant":
+        return 1.0
+    progress = (step - params.warmup_steps) / max(1, params.steps - params.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def _set_lr(optimizers, params, step):
-    scale = min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else 1.0
+    scale = lr_scale(params, step)
     for opt in optimizers.values():
         for group in opt.param_groups:
             group["lr"] = params.lr * scale

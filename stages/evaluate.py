@@ -19,9 +19,14 @@ def write_outputs(out, rows, results, truth, grid_n):
             writer.writeheader()
             writer.writerows(rows)
         (tmp / "grids").mkdir()
+        index = {}
         for nfe in sorted({n for _, n in results}):
-            per_sampler = [results[k][0][:grid_n] for k in sorted(results) if k[1] == nfe]
-            sample_grid(tmp / "grids" / f"nfe_{nfe:03d}.png", [truth.y[:grid_n], truth.x0[:grid_n], *per_sampler])
+            keys = [k for k in sorted(results) if k[1] == nfe]
+            name = f"nfe_{nfe:03d}.png"
+            index[name] = ["y (input)", "x0 (truth)", *[sampler for sampler, _ in keys]]
+            sample_grid(tmp / "grids" / name,
+                        [truth.y[:grid_n], truth.x0[:grid_n], *[results[k][0][:grid_n] for k in keys]])
+        common.write_json(tmp / "grids" / "rows.json", index)  # which row of each grid is what
 
 
 def main():

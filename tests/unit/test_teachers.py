@@ -90,3 +90,13 @@ def test_truncated_or_foreign_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(1)}, bad)
     with pytest.raises(CheckpointError, match="not a pipeline checkpoint"):
         load_teacher(bad)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from pipeline.training import lr_scale
+    train = TrainParams(steps=110, warmup_steps=10, lr_schedule="cosine")
+    assert lr_scale(train, 0) == pytest.approx(0.1) and lr_scale(train, 9) == pytest.approx(1.0)
+    assert lr_scale(train, 10) == pytest.approx(1.0)
+    assert lr_scale(train, 60) == pytest.approx(0.5)
+    assert lr_scale(train, 109) < 0.001
+    assert lr_scale(TrainParams(steps=110, warmup_steps=10), 109) == 1.0

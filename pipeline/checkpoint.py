@@ -4,11 +4,11 @@ A checkpoint is a plain dict of tensors and JSON-like values, saved atomically
 (temp file, then rename) and loaded with `weights_only=True`, so loading it
 needs nothing but this file and cannot execute code.
 """
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from pipeline.outputs import save_atomic
 
 FORMAT_VERSION = 1
 
@@ -19,19 +19,9 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path, kind, config, state_dicts):
     """Write {kind, config, state} to `path` atomically; `config` must be JSON-like."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, "kind": kind, "config": config,
-               "state": {name: sd for name, sd in state_dicts.items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the output is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+               "state": dict(state_dicts)}
+    save_atomic(payload, path)
 
 
 def load_checkpoint(path, kinds):

@@ -11,13 +11,12 @@ Checkpoints carry their params and shapes, so `load_classifier` needs nothing
 but the path.
 """
 import math
-import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.outputs import save_atomic
 from pipeline.settings import ClassifierParams, TrainParams
 from pipeline.training import LoopHooks, Task, run_training
 
@@ -118,20 +117,7 @@ def save_classifier(path, model, params, in_channels, num_classes):
         "in_channels": int(in_channels),
         "num_classes": int(num_classes),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same directory as the target, so os.replace is an atomic rename and a
-    # reader never sees a half-written checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the output is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_atomic(checkpoint, path)
 
 
 def _read_checkpoint(path):

@@ -16,6 +16,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+
 from pipeline.settings import RayParams
 from pipeline.training import LoopHooks, run_training
 

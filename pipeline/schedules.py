@@ -12,6 +12,7 @@ tensor of the sample's dtype.
 import math
 
 import torch
+
 from pipeline.settings import EDMSchedule  # noqa: F401  (re-exported for callers)
 
 # VP linear-beta SDE of Song et al. 2021 (beta(t) = beta_min + beta_d t), used

@@ -8,7 +8,6 @@ torch, Ray and MLflow inside `main()` after `load` (a typo in params.yaml is
 reported in well under a second).
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -86,12 +85,3 @@ def stage_run(params, stage, section, model="", method="", teacher="", extra_tag
                         {section: dumped}, artifact_root=(PROJECT / "mlartifacts").as_uri())
     except TrackingError as err:
         sys.exit(str(err))
-
-
-def write_json(path, obj):
-    """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)

@@ -7,13 +7,13 @@ import common
 
 
 def write_outputs(out, rows, results, truth, grid_n):
-    from pipeline.data.prepare import staging_dir
     from pipeline.evaluation import COLUMNS, METRICS, sample_grid
+    from pipeline.outputs import staging_dir, write_json
     with staging_dir(Path(out)) as tmp:
         nested = {}
         for r in rows:
             nested.setdefault(r["sampler"], {})[f"nfe_{r['nfe']:03d}"] = {m: r[m] for m in METRICS}
-        common.write_json(tmp / "metrics.json", nested)
+        write_json(tmp / "metrics.json", nested)
         with open(tmp / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()
@@ -26,7 +26,7 @@ def write_outputs(out, rows, results, truth, grid_n):
             index[name] = ["y (input)", "x0 (truth)", *[sampler for sampler, _ in keys]]
             sample_grid(tmp / "grids" / name,
                         [truth.y[:grid_n], truth.x0[:grid_n], *[results[k][0][:grid_n] for k in keys]])
-        common.write_json(tmp / "grids" / "rows.json", index)  # which row of each grid is what
+        write_json(tmp / "grids" / "rows.json", index)  # which row of each grid is what
 
 
 def main():

@@ -14,10 +14,10 @@ def main():
     params = common.load(args, section="features")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.classifier import ClassifierTask, accuracy, load_classifier, save_classifier
-    from pipeline.data.prepare import staging_dir
     from pipeline.data.shards import load_split, load_tensors
     from pipeline.distributed import fit
     from pipeline.fid import cache_reference_statistics, fid_label
+    from pipeline.outputs import staging_dir, write_json
 
     feats = params.features
     train = load_split(args.data, "train")  # checks every shard's checksum: fails fast, naming it
@@ -37,7 +37,7 @@ def main():
             cache_reference_statistics(test.x0, cache_root=str(tmp / "fid_cache"),
                                        reference_cache_name=REFERENCE, extractor=feats.extractor,
                                        weights_path=weights or str(tmp / "classifier.pt"))
-            common.write_json(tmp / "info.json", {
+            write_json(tmp / "info.json", {
                 "test_accuracy": acc, "extractor": feats.extractor, "fid_name": fid_label(feats.extractor),
                 "reference": REFERENCE, "n_reference": len(test.x0)})
         run.log_metrics({"test_accuracy": acc})

@@ -2,6 +2,7 @@
 import functools
 
 import common
+
 from pipeline.settings import TEACHER_NAMES
 
 

@@ -11,7 +11,6 @@ denoising; `none` is unconditional generation (y = 0) and `paired` takes y
 from a paired source.
 """
 import io
-import math
 
 import numpy as np
 import torch

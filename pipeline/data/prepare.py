@@ -9,10 +9,6 @@ crash never leaves a plausible-looking output, and an existing `out_dir` is
 replaced only once its successor is complete.
 """
 import hashlib
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +17,7 @@ from pipeline.data import to_float
 from pipeline.data.corruptions import corrupt
 from pipeline.data.shards import FORMAT_VERSION, write_manifest, write_split
 from pipeline.data.sources import load_source, split
+from pipeline.outputs import staging_dir
 
 
 def check_combination(source, corruption):
@@ -64,41 +61,6 @@ def corrupt_splits(splits, corruption, shard_size, seed, map_fn):
         owners += [name] * len(mine)
     ys = list(map_fn(corrupt_shard, jobs))  # map_fn must keep the order of jobs
     return {name: torch.cat([y for y, o in zip(ys, owners) if o == name]) for name in splits}
-
-
-def replace_dir(tmp, out_dir):
-    """Move the finished tmp onto out_dir; an old out_dir is removed only afterwards."""
-    if not os.path.lexists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    holder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old = holder / out_dir.name
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)  # put the previous output back
-        holder.rmdir()
-        raise
-    shutil.rmtree(holder)
-
-
-@contextmanager
-def staging_dir(out_dir):
-    """A temporary sibling of out_dir, renamed onto it on success, deleted on failure.
-
-    Any stage can write its output through this to get the same atomicity.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def describe(source, corruption, raw, n_test, shard_size, seed, entries):

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+
 from pipeline.data import DataError
 from pipeline.settings import Source  # noqa: F401  (re-exported for callers)
 

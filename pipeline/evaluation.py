@@ -14,16 +14,42 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.checkpoint import load_checkpoint
 from pipeline.classifier import accuracy
 from pipeline.data.shards import load_split
+from pipeline.distill import METHODS, Student, load_student
 from pipeline.fid import fidelity_metrics
 from pipeline.metrics import psnr, ssim
 from pipeline.noise import SeededNoise, sample_seeds
 from pipeline.samplers import get_sampler, steps_for_nfe
-from pipeline.teachers import load_teacher
+from pipeline.teachers import TEACHERS, load_teacher
 
 METRICS = ("fid", "kid", "psnr", "ssim", "accuracy", "sec_per_sample")
-COLUMNS = ("model", "method", "sampler", "nfe") + METRICS
+COLUMNS = ("model", "method", "teacher", "sampler", "nfe") + METRICS
+
+
+def load_model(path):
+    """A `Teacher` or a `Student`, by the kind its checkpoint records (both `sample` alike)."""
+    kinds = {f"teacher_{n}" for n in TEACHERS} | {f"student_{m}" for m in METHODS}
+    kind = load_checkpoint(path, kinds)["kind"]
+    return load_student(path) if kind.startswith("student_") else load_teacher(path)
+
+
+def describe(model):
+    """(method, teacher) tags of a model: ("teacher", its name) for a teacher."""
+    if isinstance(model, Student):
+        return model.name, model.teacher_name
+    return "teacher", model.name
+
+
+def model_plan(model, ev):
+    """([(sampler, nfe)], guidance) to evaluate: a teacher runs every sampler of its family
+    at every reachable NFE of `ev.nfe`; a student its one sampler at each NFE it was
+    distilled for (students take no guidance here)."""
+    if isinstance(model, Student):
+        return [("student", nfe) for nfe in model.method.nfe_choices()], 0.0
+    guidance = ev.guidance if model.family == "diffusion" else 0.0
+    return plan(model.family, getattr(ev.samplers, model.family), ev.nfe, guidance), guidance
 
 
 def plan(family, samplers, nfes, guidance=0.0):
@@ -60,7 +86,7 @@ class ShardJob:
 def sample_shard(job: ShardJob):
     """{(sampler, nfe): (samples (n, C, H, W) clipped, seconds)} for one shard."""
     torch.set_num_threads(job.threads)
-    model = load_teacher(job.model_path)
+    model = load_model(job.model_path)
     y_all = load_split(job.data_dir, "test").y[job.start:job.stop]
     out = {}
     for name, nfe in job.plan:

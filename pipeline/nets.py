@@ -84,6 +84,17 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)  # start as the identity of the skip path
         nn.init.zeros_(self.head[-1].bias)
 
+    def widen_input(self, channels):
+        """Append `channels` input channels whose stem weights are zero (output unchanged)."""
+        old = self.stem
+        extra = channels * self.patch ** 2  # pixel unshuffle keeps each channel's p^2 block together
+        self.stem = nn.Conv2d(old.in_channels + extra, old.out_channels, 3, padding=1)
+        with torch.no_grad():
+            self.stem.weight.zero_()
+            self.stem.weight[:, :old.in_channels] = old.weight
+            self.stem.bias.copy_(old.bias)
+        self.in_channels += channels
+
     def forward(self, x, c_noise):
         emb = self.embed(c_noise)
         if self.patch > 1:

@@ -2,7 +2,10 @@
 
 Writes the CSV that `dvc plots` and the notebook read, a PNG of FID against
 NFE on a log axis (one line per model and sampler), and a Markdown summary
-with the Pareto front: the points no other point beats on both NFE and FID.
+with the Pareto front (the points no other point beats on both NFE and FID)
+and each student against its teacher: FID relative to the teacher's best and
+to the teacher's best within the same NFE budget, and the measured wall-clock
+speed-up over the cheapest teacher point that is at least as good.
 """
 import matplotlib
 import pandas as pd
@@ -53,14 +56,49 @@ def markdown_table(table, digits=4):
     return "\n".join(lines)
 
 
+def student_comparison(table):
+    """One row per student point, against the teacher it was distilled from.
+
+    `vs_best`: student FID / the teacher's best FID at any NFE. `teacher_fid_le_nfe`:
+    the teacher's best FID with at most the student's NFE. `speedup`: seconds per
+    sample of the cheapest teacher point with FID <= the student's, divided by the
+    student's (NaN when no teacher point is that good; `teacher_nfe_same_fid` names it).
+    """
+    rows = []
+    for _, st in table[table["method"] != "teacher"].iterrows():
+        teacher = table[(table["method"] == "teacher") & (table["model"] == st["teacher"])]
+        within = teacher[teacher["nfe"] <= st["nfe"]]
+        as_good = teacher[teacher["fid"] <= st["fid"]]
+        match = as_good.loc[as_good["sec_per_sample"].idxmin()] if len(as_good) else None
+        rows.append({
+            "model": st["model"], "nfe": st["nfe"], "fid": st["fid"],
+            "teacher_best_fid": teacher["fid"].min(), "vs_best": st["fid"] / teacher["fid"].min(),
+            "teacher_fid_le_nfe": within["fid"].min() if len(within) else float("nan"),
+            "teacher_nfe_same_fid": match["nfe"] if match is not None else float("nan"),
+            "speedup": match["sec_per_sample"] / st["sec_per_sample"] if match is not None else float("nan"),
+        })
+    return pd.DataFrame(rows)
+
+
 def summary_markdown(table, fid_name):
     best = table.loc[table.groupby("model")["fid"].idxmin()]
-    return "\n\n".join([
+    parts = [
         f"# FID vs NFE\n\nFID is **{fid_name}** against the held-out test split.",
         "## Pareto front (NFE, FID)\n\n" + markdown_table(pareto_front(table)),
         "## Best point per model\n\n" + markdown_table(best),
-        "## All points\n\n" + markdown_table(table),
-    ]) + "\n"
+    ]
+    students = student_comparison(table)
+    if len(students):
+        parts.append("## Students against their teachers\n\n" + STUDENT_NOTE + "\n\n"
+                     + markdown_table(students))
+    parts.append("## All points\n\n" + markdown_table(table))
+    return "\n\n".join(parts) + "\n"
+
+
+STUDENT_NOTE = ("`vs_best`: student FID / the teacher's best FID at any NFE. `teacher_fid_le_nfe`: the "
+                "teacher's best FID spending at most the student's NFE. `speedup`: measured seconds per "
+                "sample of the cheapest teacher point with FID <= the student's (at NFE "
+                "`teacher_nfe_same_fid`), over the student's; empty when no teacher point is that good.")
 
 
 def plot_rows(table):

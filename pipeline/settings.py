@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DIFFUSION_SAMPLER_NAMES = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m")
 BRIDGE_SAMPLER_NAMES = ("posterior", "posterior_ode", "euler", "heun")
 TEACHER_NAMES = ("diffusion", "bridge")
+# Distillation methods and the teacher each distils (pipeline.distill registers the code).
+METHOD_TEACHER = {"ibmd": "bridge", "mm": "diffusion", "tdd": "diffusion", "pd": "diffusion",
+                  "cd": "diffusion"}
 
 
 class Params(BaseModel):
@@ -276,6 +279,151 @@ class TeachersParams(Params):
     bridge: BridgeTeacherParams = BridgeTeacherParams()
 
 
+# --- distillation (pipeline.distill) -----------------------------------------
+# One block per method; each method's module docstring explains its fields and
+# why the defaults are what they are. The student starts as a copy of the teacher.
+
+def _student_train(**overrides):
+    defaults = dict(steps=400, batch_size=64, lr=1e-4, warmup_steps=0, ema_decay=0.99,
+                    log_every=25, checkpoint_every=100)
+    return TrainParams(**{**defaults, **overrides})
+
+
+def _increasing(values, what):
+    if not values or sorted(set(values)) != list(values):
+        raise ValueError(f"{what} must be a non-empty, strictly increasing list")
+    return values
+
+
+class IBMDParams(Params):
+    """Inverse Bridge Matching Distillation (Gushchin et al. 2025) of the bridge teacher."""
+    nfe: int = Field(1, ge=1, le=64)  # student steps; 1 = one-step generator x0 = G(y, z)
+    aux_updates: int = Field(5, ge=1, le=100)  # L: auxiliary-bridge updates per ...
+    student_updates: int = Field(1, ge=1, le=100)  # ... K generator updates (the L:K ratio)
+    aux_term: bool = True  # ablation: False drops the -phi term (the generator collapses)
+    detach_xt: bool = False  # ablation: True stops the gradient through x_t
+    multistep_x0: Literal["stopped", "chain"] = "stopped"  # nfe > 1: x0 from a chain stopped at a
+    grad_through_chain: bool = False  # random grid time (DDBM setups) or the full chain (I2SB)
+    train: TrainParams = _student_train(lr=1e-4)
+
+
+class MMParams(Params):
+    """Multistep Moment Matching (Salimans et al. 2024) of the diffusion teacher."""
+    variant: Literal["alternating", "parameter"] = "alternating"
+    nfe: list[int] = [4, 8]  # student step counts k trained together; t from the union of grids
+    aux_teacher_weight: float = Field(1.0, ge=0.0)  # the ||g_theta - g_phi||^2 regulariser
+    jvp_scale: float = Field(1.0, gt=0.0)  # parameter variant: step of the teacher-space push
+    train: TrainParams = _student_train(adam_betas=(0.0, 0.99))
+
+    @field_validator("nfe")
+    @classmethod
+    def _nfe(cls, nfe):
+        return _increasing(nfe, "nfe")
+
+
+class ConsistencyParams(Params):
+    """Consistency distillation (Song et al. 2023) of the diffusion teacher."""
+    grid_steps: int = Field(18, ge=2, le=2000)  # N points of the training discretisation
+    # karras: Karras et al. Eq. 5 (rho of the teacher schedule); vp: grid_steps equally spaced
+    # points of a `timesteps`-step VP timeline, the DDIM grid TDD trains on (distill.consistency)
+    grid: Literal["karras", "vp"] = "karras"
+    timesteps: int = Field(1000, ge=10, le=100_000)  # grid="vp" only
+    solver: Literal["heun", "euler", "ddim"] = "heun"  # the teacher's ODE step t_{n+1} -> t_n
+    ema_mu: float = Field(0.95, ge=0.0, lt=1.0)  # target network EMA; 0 = the online student
+    distance: Literal["l2", "pseudo_huber"] = "l2"
+    huber_c: float = Field(0.03, gt=0.0)
+    nfe: list[int] = [1, 2, 4, 8]  # multistep sampling by re-noising
+    train: TrainParams = _student_train()
+
+    @field_validator("nfe")
+    @classmethod
+    def _nfe(cls, nfe):
+        return _increasing(nfe, "nfe")
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.grid == "vp" and self.grid_steps > self.timesteps:
+            raise ValueError(f"grid_steps={self.grid_steps} exceeds timesteps={self.timesteps}")
+        return self
+
+
+class TDDParams(Params):
+    """Target-Driven Distillation (Wang et al. 2024) of the diffusion teacher."""
+    timesteps: int = Field(1000, ge=10, le=100_000)  # the teacher's discrete VP timeline
+    ddim_steps: int = Field(50, ge=2, le=1000)  # training grid: t_{n+k} -> t_n one grid step
+    target_selection: bool = True  # False: always target x0 (plain consistency distillation)
+    schedule_steps: tuple[int, int] = (4, 8)  # union of the equidistant 4..8-step schedules
+    window: int = Field(2, ge=1, le=16)  # schedule times below tau to draw the target from
+    s_ratio: float = Field(0.3, ge=0.0, lt=1.0)  # stochastic offset s = floor((1 - u s_ratio) target)
+    guidance: float = Field(0.0, ge=0.0, le=20.0)  # teacher CFG scale w during training
+    p_uncond: float = Field(0.2, ge=0.0, le=0.9)  # condition dropout during training
+    huber_c: float = Field(0.001, gt=0.0)
+    eta: float = Field(0.2, ge=0.0, lt=1.0)  # gamma-sampling at inference
+    schedule: Optional[list[int]] = None  # non-equidistant inference timesteps (descending)
+    clip_x0_steps: int = Field(0, ge=0)  # dynamic thresholding on this many first steps
+    clip_ratio: float = Field(0.995, gt=0.5, le=1.0)
+    nfe: list[int] = [4, 6, 8]
+    train: TrainParams = _student_train()
+
+    @field_validator("nfe")
+    @classmethod
+    def _nfe(cls, nfe):
+        return _increasing(nfe, "nfe")
+
+    @model_validator(mode="after")
+    def _schedules(self):
+        lo, hi = self.schedule_steps
+        if not 1 <= lo <= hi:
+            raise ValueError(f"schedule_steps {self.schedule_steps} must be 1 <= low <= high")
+        if self.schedule is not None:
+            if sorted(set(self.schedule), reverse=True) != list(self.schedule) or \
+                    not all(0 <= t < self.timesteps for t in self.schedule):
+                raise ValueError(f"schedule must be strictly descending timesteps in [0, {self.timesteps})")
+            if self.nfe != [len(self.schedule)]:
+                raise ValueError(f"a schedule of {len(self.schedule)} steps needs nfe [{len(self.schedule)}]")
+        if self.ddim_steps > self.timesteps:
+            raise ValueError(f"ddim_steps={self.ddim_steps} exceeds timesteps={self.timesteps}")
+        if max(hi, max(self.nfe)) >= self.ddim_steps:
+            raise ValueError(f"schedules of up to {max(hi, max(self.nfe))} steps need ddim_steps above that")
+        return self
+
+
+class PDParams(Params):
+    """Progressive distillation (Salimans & Ho 2022) of the diffusion teacher."""
+    start_steps: int = Field(16, ge=2, le=4096)  # the teacher's DDIM steps that round 1 halves
+    rounds: int = Field(2, ge=1, le=12)  # each halves the step count; train.steps split evenly
+    train: TrainParams = _student_train()
+
+    @model_validator(mode="after")
+    def _halvable(self):
+        if self.start_steps % 2 ** self.rounds:
+            raise ValueError(f"start_steps={self.start_steps} cannot be halved {self.rounds} times")
+        if self.train.steps < self.rounds:
+            raise ValueError(f"train.steps={self.train.steps} gives no step to some of {self.rounds} rounds")
+        return self
+
+
+class DistillParams(Params):
+    # The distill@<method> stages: method -> the teacher it distils (dvc.yaml's foreach reads
+    # both, so each stage depends on exactly its own teacher's checkpoint).
+    methods: dict[str, str] = dict(METHOD_TEACHER)
+    ibmd: IBMDParams = IBMDParams()
+    mm: MMParams = MMParams()
+    tdd: TDDParams = TDDParams()
+    pd: PDParams = PDParams()
+    cd: ConsistencyParams = ConsistencyParams()
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods):
+        _known(list(methods), METHOD_TEACHER, "method(s)")
+        wrong = {m: t for m, t in methods.items() if METHOD_TEACHER[m] != t}
+        if wrong:
+            raise ValueError(f"wrong teacher for {wrong}: " + ", ".join(
+                f"{m} distils {METHOD_TEACHER[m]!r}" for m in wrong))
+        return methods
+
+
 # --- evaluation (pipeline.evaluation) ---------------------------------------
 
 def _known(names, known, what):
@@ -301,7 +449,7 @@ class SamplerLists(Params):
 
 
 class EvaluateParams(Params):
-    models: list[str] = list(TEACHER_NAMES)
+    models: list[str] = [*TEACHER_NAMES, *METHOD_TEACHER]  # teachers and students
     nfe: list[int] = [1, 2, 4, 8, 16, 32, 64]
     n_samples: int = Field(500, ge=2)  # the first n of the test split
     batch_size: int = Field(250, ge=1)  # memory only: results do not depend on it
@@ -321,7 +469,7 @@ class EvaluateParams(Params):
     @field_validator("models")
     @classmethod
     def _models(cls, models):
-        return _known(models, TEACHER_NAMES, "model(s)")
+        return _known(models, (*TEACHER_NAMES, *METHOD_TEACHER), "model(s)")
 
 
 class PipelineParams(Params):
@@ -333,6 +481,7 @@ class PipelineParams(Params):
     tracking: TrackingParams = TrackingParams()
     features: FeaturesParams = FeaturesParams()
     teacher: TeachersParams = TeachersParams()
+    distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
@@ -346,6 +495,17 @@ class PipelineParams(Params):
         if not self.corruption.conditional and "bridge" in ev.models:
             raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
                              "remove 'bridge' from evaluate.models or choose a corruption")
+        missing = [m for m in self.distill.methods if m not in ev.models]
+        if missing:
+            raise ValueError(f"evaluate.models lacks the distilled student(s) {missing}: every "
+                             "distill.methods entry is evaluated and reported")
+        unmade = [m for m in ev.models if m in METHOD_TEACHER and m not in self.distill.methods]
+        if unmade:
+            raise ValueError(f"evaluate.models lists {unmade}, which distill.methods does not train")
+        if not self.corruption.conditional and any(METHOD_TEACHER[m] == "bridge"
+                                                   for m in self.distill.methods):
+            raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
+                             "remove 'ibmd' from distill.methods or choose a corruption")
         self.corruption.check(shape)
         for name in TEACHER_NAMES:
             net = getattr(self.teacher, name).net

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.bridge import BridgeSchedule, bridge_precond
+from pipeline.bridge import BridgeSchedule, bridge_loss_weight, bridge_precond, sample_training_t
 from pipeline.checkpoint import load_checkpoint
 from pipeline.nets import UNet
 from pipeline.samplers import sample
@@ -75,13 +75,18 @@ class BridgeDenoiser(nn.Module):
         in_channels = shape.channels * (2 if self.sees_y else 1)
         self.net = UNet(params.net, in_channels, shape.channels)
 
-    def forward(self, x_t, t, y):
+    def forward(self, x_t, t, y, extra=None):
+        """x0 estimate at times t (B,); `extra` (B, k, H, W) feeds k channels added by
+        `widen_input` (IBMD's noise input)."""
         a, b, c = self.schedule.marginal(t)
         c_skip, c_out, c_in = bridge_precond(a, b, c, *self.stats)
-        inp = _col(c_in) * x_t
-        if self.sees_y:
-            inp = torch.cat([inp, y], dim=1)
-        return _col(c_skip) * x_t + _col(c_out) * self.net(inp, t)
+        inp = [_col(c_in) * x_t] + ([y] if self.sees_y else []) + ([extra] if extra is not None else [])
+        return _col(c_skip) * x_t + _col(c_out) * self.net(torch.cat(inp, dim=1), t)
+
+    def widen_input(self, channels):
+        """Add `channels` zero-initialised input channels: the output is unchanged until trained."""
+        self.net.widen_input(channels)
+        return self
 
 
 class DiffusionTeacherTask(Task):
@@ -105,34 +110,32 @@ class DiffusionTeacherTask(Task):
 
 
 class BridgeTeacherTask(Task):
-    """Bridge matching: E lambda(t) ||x0_hat(x_t, t[, y]) - x0||^2, t ~ U(t_min, T)."""
+    """Bridge matching: E lambda(t) ||x0_hat(x_t, t[, y]) - x0||^2, t ~ U(t_min, T - t_min)."""
 
     def __init__(self, params: BridgeTeacherParams, shape: DataShape):
         self.params, self.shape = params, shape
+        self.schedule = BridgeSchedule.of(params.schedule)
 
     def build(self):
         return {"denoiser": BridgeDenoiser(self.params, self.shape)}
 
     def loss(self, nets, batch, generator):
         x0, y = batch["x0"], batch["y"]
-        sched = BridgeSchedule.of(self.params.schedule)
-        t = sched.t_min + (sched.T - sched.t_min) * torch.rand(len(x0), generator=generator)
-        t = t.to(x0.device)
+        t = sample_training_t(len(x0), self.schedule, generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        a, b, c = sched.marginal(t)
+        a, b, c = self.schedule.marginal(t)
         x_t = _col(a) * y + _col(b) * x0 + _col(c) * eps
         x0_hat = nets["denoiser"](x_t, t, y)
-        p = self.params
-        _, c_out, _ = bridge_precond(a, b, c, p.sigma_data, p.sigma_y, p.cov_xy)
-        return (x0_hat - x0).square().flatten(1).mean(1) / c_out.square()  # (B,)
+        weight = bridge_loss_weight(a, b, c, self.params.sigma_data, self.params.sigma_y, self.params.cov_xy)
+        return weight * (x0_hat - x0).square().flatten(1).mean(1)  # (B,)
 
 
-# One entry per teacher: params model, task; the checkpoint kind is "teacher_<name>".
+# One entry per teacher: params model, task; the checkpoint kind is "teacher_<name>", and the
+# name is also the sampler family ("diffusion/ddim", "bridge/heun").
 TEACHERS = {
     "diffusion": (DiffusionTeacherParams, DiffusionTeacherTask),
     "bridge": (BridgeTeacherParams, BridgeTeacherTask),
 }
-FAMILY = {"diffusion": "diffusion", "bridge": "bridge"}
 
 
 @dataclass
@@ -159,14 +162,19 @@ def teacher_config(name, params, shape):
     return {"teacher": name, "params": params.model_dump(mode="json"), "shape": shape.__dict__}
 
 
+def build_teacher(config):
+    """A frozen teacher of the architecture `config` describes (`teacher_config`), untrained."""
+    name = config["teacher"]
+    params_cls, task_cls = TEACHERS[name]
+    params = params_cls.model_validate(config["params"])
+    shape = DataShape(**config["shape"])
+    denoiser = task_cls(params, shape).build()["denoiser"]
+    return Teacher(name, name, params, shape, denoiser.eval().requires_grad_(False))
+
+
 def load_teacher(path, names=tuple(TEACHERS)):
     """Rebuild a teacher from its self-describing checkpoint (EMA weights)."""
     payload = load_checkpoint(path, kinds={f"teacher_{n}" for n in names})
-    name = payload["config"]["teacher"]
-    params_cls, task_cls = TEACHERS[name]
-    params = params_cls.model_validate(payload["config"]["params"])
-    shape = DataShape(**payload["config"]["shape"])
-    denoiser = task_cls(params, shape).build()["denoiser"]
-    denoiser.load_state_dict(payload["state"]["denoiser"])
-    denoiser.eval().requires_grad_(False)
-    return Teacher(name, FAMILY[name], params, shape, denoiser)
+    teacher = build_teacher(payload["config"])
+    teacher.denoiser.load_state_dict(payload["state"]["denoiser"])
+    return teacher

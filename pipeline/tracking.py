@@ -70,29 +70,19 @@ def _group_parent(client, exp_id, group):
     return run.info.run_id
 
 
-class StageRun:
-    """An MLflow run for one stage execution; use as a context manager."""
+class _Run:
+    """Logging into one existing MLflow run; use as a context manager (ends the run)."""
 
-    def __init__(self, uri, experiment, run_name, tags, params, artifact_root):
-        check_reachable(uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        self.uri = uri
-        exp_id = _experiment_id(self.client, experiment, artifact_root)
-        parent = _group_parent(self.client, exp_id, tags[GROUP_TAG])
-        tags = {**tags, "mlflow.parentRunId": parent}
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-        flat = _flatten(params)
-        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
-            self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in flat[i:i + 100]])
+    def __init__(self, client, run_id, uri):
+        self.client, self.run_id, self.uri = client, run_id, uri
 
     def child(self, run_name, tags):
         """A nested run under this one (e.g. one per sampler of an evaluation)."""
-        parent = self.client.get_run(self.run_id).data.tags
-        tags = {**{k: v for k, v in parent.items() if not k.startswith("mlflow.")},
+        run = self.client.get_run(self.run_id)
+        tags = {**{k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
                 **tags, "mlflow.parentRunId": self.run_id}
-        run = self.client.create_run(self.client.get_run(self.run_id).info.experiment_id,
-                                     run_name=run_name, tags=tags)
-        return ChildRun(self.client, run.info.run_id, self.uri)
+        child = self.client.create_run(run.info.experiment_id, run_name=run_name, tags=tags)
+        return _Run(self.client, child.info.run_id, self.uri)
 
     def logger(self):
         return MetricLogger(self.uri, self.run_id)
@@ -114,11 +104,19 @@ class StageRun:
         return False
 
 
-class ChildRun(StageRun):
-    """A run created by `StageRun.child`; same logging interface."""
+class StageRun(_Run):
+    """A new run for one stage execution, tagged, under its group's parent run."""
 
-    def __init__(self, client, run_id, uri):
-        self.client, self.run_id, self.uri = client, run_id, uri
+    def __init__(self, uri, experiment, run_name, tags, params, artifact_root):
+        check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = _experiment_id(client, experiment, artifact_root)
+        parent = _group_parent(client, exp_id, tags[GROUP_TAG])
+        tags = {**tags, "mlflow.parentRunId": parent}
+        super().__init__(client, client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, uri)
+        flat = _flatten(params)
+        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in flat[i:i + 100]])
 
 
 class MetricLogger:

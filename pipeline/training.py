@@ -19,10 +19,20 @@ from pipeline.settings import TrainParams
 
 
 class Task:
-    """What to train. Subclasses give `build` and `loss`; multi-network methods override `train_step`."""
+    """What to train. Subclasses give `build` and `loss`; multi-network methods override
+    `train_step`. Networks returned by `build` are checkpointed; those with no trainable
+    parameter (a frozen target) are moved to the device but not wrapped in DDP. Frozen
+    networks a task holds itself (a teacher) move with `to`."""
 
     def build(self) -> dict[str, nn.Module]:
         raise NotImplementedError
+
+    def to(self, device):
+        """Move whatever the task holds outside `build` (e.g. a frozen teacher) to `device`."""
+        return self
+
+    def after_step(self, nets, step):
+        """Called with the unwrapped networks after optimiser step number `step` (1-based)."""
 
     def loss(self, nets, batch, generator) -> torch.Tensor:
         """Per-sample loss, shape (B,)."""
@@ -107,15 +117,20 @@ def _restore(state, nets, ema, optimizers):
     return state["step"]
 
 
+def _trainable(net):
+    return any(p.requires_grad for p in net.parameters())
+
+
 def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks = None):
     """Train `task` on `data` (dict of tensors) for params.steps; return the final training state."""
     hooks = hooks or LoopHooks()
     torch.manual_seed(seed)  # identical initial weights on every rank
+    task.to(hooks.device)
     nets = {k: v.to(hooks.device) for k, v in task.build().items()}
     ema = {k: copy.deepcopy(v).requires_grad_(False) for k, v in nets.items()}
     optimizers = task.optimizers(nets, params)
     start = _restore(hooks.resume, nets, ema, optimizers) if hooks.resume else 0
-    wrapped = {k: hooks.wrap(v) for k, v in nets.items()}
+    wrapped = {k: hooks.wrap(v) if _trainable(v) else v for k, v in nets.items()}
     # A distinct stream per rank (data parallelism) and per resume point.
     generator = torch.Generator().manual_seed(seed * 7919 + hooks.rank * 104_729 + start)
     per_worker = max(1, params.batch_size // hooks.world_size)
@@ -124,9 +139,10 @@ def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks =
         _set_lr(optimizers, params, step)
         batch = sample_batch(data, per_worker, generator, hooks.device)
         window.append(task.train_step(wrapped, optimizers, batch, generator, params))
+        done = step + 1
+        task.after_step(nets, done)
         for k in nets:
             update_ema(ema[k], nets[k], params.ema_decay)
-        done = step + 1
         if done % params.log_every == 0 or done == params.steps:
             # A window runs from the end of one report to the end of the next step
             # batch: the report's own cost (a Ray barrier) lands in the next window.

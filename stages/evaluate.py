@@ -38,18 +38,18 @@ def main():
     from pipeline.classifier import load_classifier
     from pipeline.data.shards import load_split
     from pipeline.distributed import cluster_cpus, parallel_map
-    from pipeline.evaluation import METRICS, merge_shards, plan, sample_shard, score, shard_jobs
-    from pipeline.teachers import load_teacher
+    from pipeline.evaluation import (METRICS, describe, load_model, merge_shards, model_plan,
+                                     sample_shard, score, shard_jobs)
 
     ev = params.evaluate
-    teacher = load_teacher(args.model)  # fails fast on a missing or wrong-kind checkpoint
-    samplers = getattr(ev.samplers, teacher.family)
-    guidance = ev.guidance if teacher.family == "diffusion" else 0.0
-    jobs = plan(teacher.family, samplers, ev.nfe, guidance)
+    model = load_model(args.model)  # fails fast on a missing or wrong-kind checkpoint
+    method, teacher = describe(model)
+    jobs, guidance = model_plan(model, ev)
+    samplers = list(dict.fromkeys(s for s, _ in jobs))
     features = json.loads((Path(args.features) / "info.json").read_text())
     common.connect_ray(params)
-    with common.stage_run(params, "evaluate", "evaluate", model=args.name, method="teacher",
-                          teacher=args.name) as run:
+    with common.stage_run(params, "evaluate", "evaluate", model=args.name, method=method,
+                          teacher=teacher) as run:
         shards = shard_jobs(args.model, args.data, ev.n_samples, cluster_cpus(), jobs, ev.seed,
                             guidance, ev.batch_size)
         results = merge_shards(parallel_map(sample_shard, [(j,) for j in shards]))
@@ -59,7 +59,7 @@ def main():
                       "reference_cache_name": features["reference"], "kid_subset_size": ev.kid_subset_size,
                       "weights_path": str(Path(args.features) / "classifier.pt")
                       if features["extractor"] == "classifier" else params.features.inception_weights}
-        rows = [{"model": args.name, "method": "teacher", "sampler": s, "nfe": nfe,
+        rows = [{"model": args.name, "method": method, "teacher": teacher, "sampler": s, "nfe": nfe,
                  **score(x, secs, truth, classifier, fid_kwargs, truth.conditional)}
                 for (s, nfe), (x, secs) in sorted(results.items())]
         write_outputs(args.out, rows, results, truth, ev.grid_samples)

@@ -27,6 +27,9 @@ def smoke_params():
         teacher["net"].update(patch=2, channels=[16, 16], emb_dim=32)
         teacher["train"].update(steps=30, batch_size=32, log_every=10, checkpoint_every=30,
                                 warmup_steps=5)
+    for method in params["distill"]["methods"]:
+        params["distill"][method]["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4)
+    params["distill"]["pd"]["train"]["steps"] = 4  # two rounds of two steps
     params["evaluate"].update(nfe=[1, 2, 4], n_samples=48, batch_size=24, grid_samples=8,
                               kid_subset_size=16)
     return params

@@ -7,12 +7,12 @@ are made separately, never concatenated into one batch).
 
 
 class CountingDenoiser:
-    """Wraps `denoise(x, t, y)`; `.calls` counts the calls made through it."""
+    """Wraps `denoise(x, t, y, ...)`; `.calls` counts the calls made through it."""
 
     def __init__(self, denoise):
         self.denoise = denoise
         self.calls = 0
 
-    def __call__(self, x, t, y):
+    def __call__(self, x, t, y, *args, **kwargs):
         self.calls += 1
-        return self.denoise(x, t, y)
+        return self.denoise(x, t, y, *args, **kwargs)

@@ -1,6 +1,7 @@
 """The whole chain on the smoke profile via `dvc repro`, in a temporary copy of the
 project: outputs, MLflow records, a no-op second run, precise invalidation, and bad
 input rejected without touching what earlier stages produced."""
+import json
 import os
 import shutil
 import subprocess
@@ -9,8 +10,11 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+
+from pipeline.data.shards import sha256
 
 from tests.conftest import ROOT, smoke_params
 
@@ -52,18 +56,24 @@ def project(tmp_path_factory, ray_address):
 def test_chain_writes_the_report(project):
     root, _ = project
     table = pd.read_csv(root / "results" / "fid_vs_nfe.csv")
-    assert list(table.columns) == ["model", "method", "sampler", "nfe", "fid", "kid", "psnr",
-                                   "ssim", "accuracy", "sec_per_sample"]
+    assert list(table.columns) == ["model", "method", "teacher", "sampler", "nfe", "fid", "kid",
+                                   "psnr", "ssim", "accuracy", "sec_per_sample"]
     params = smoke_params()
     expected = {("diffusion", s) for s in params["evaluate"]["samplers"]["diffusion"]}
     expected |= {("bridge", s) for s in params["evaluate"]["samplers"]["bridge"]}
+    expected |= {(m, "student") for m in params["distill"]["methods"]}
     assert set(zip(table["model"], table["sampler"])) == expected
+    students = table[table["sampler"] == "student"]
+    assert set(students["method"]) == set(params["distill"]["methods"])
+    assert dict(zip(students["model"], students["teacher"])) == params["distill"]["methods"]
+    assert "Students against their teachers" in (root / "results" / "summary.md").read_text()
     assert table["fid"].notna().all() and (table["sec_per_sample"] > 0).all()
-    assert (table["nfe"] <= max(params["evaluate"]["nfe"])).all()
+    teachers = table[table["method"] == "teacher"]
+    assert (teachers["nfe"] <= max(params["evaluate"]["nfe"])).all()
     for name in ("fid_vs_nfe.png", "summary.md", "fid_vs_nfe_curves.csv"):
         assert (root / "results" / name).stat().st_size > 0
     assert "Pareto front" in (root / "results" / "summary.md").read_text()
-    for model in ("diffusion", "bridge"):
+    for model in params["evaluate"]["models"]:
         grids = sorted((root / "results" / "eval" / model / "grids").glob("nfe_*.png"))
         assert grids, model
 
@@ -74,7 +84,7 @@ def test_mlflow_has_tagged_runs_and_fid_curves(project):
     exp = client.get_experiment_by_name("distillation")
     runs = client.search_runs([exp.experiment_id], "tags.group = 'smoke'")
     stages = {r.data.tags["stage"] for r in runs}
-    assert {"pipeline", "prepare", "features", "teacher", "evaluate", "report"} <= stages
+    assert {"pipeline", "prepare", "features", "teacher", "distill", "evaluate", "report"} <= stages
     for r in runs:
         if r.data.tags["stage"] != "pipeline":
             assert r.data.tags["git_commit"] != "unknown" and len(r.data.tags["params_hash"]) == 12
@@ -83,6 +93,14 @@ def test_mlflow_has_tagged_runs_and_fid_curves(project):
     assert sorted(m.step for m in history) == [1, 3]  # Heun: 2N-1 NFE, so 2 and 4 map to 1 and 3
     teacher = [r for r in runs if r.data.tags["stage"] == "teacher"][0]
     assert client.get_metric_history(teacher.info.run_id, "train/loss")
+    # Students log like teachers: same metric names, step = nfe, tags method/teacher/nfe,
+    # so selecting runs in the UI overlays their FID curves.
+    mm = [r for r in runs if r.info.run_name == "mm/student"][0]
+    assert (mm.data.tags["method"], mm.data.tags["teacher"], mm.data.tags["nfe"]) == ("mm", "diffusion", "4,8")
+    assert sorted(m.step for m in client.get_metric_history(mm.info.run_id, "fid")) == [4, 8]
+    distilled = [r for r in runs if r.data.tags["stage"] == "distill" and r.data.tags["model"] == "ibmd"][0]
+    assert distilled.data.tags["teacher"] == "bridge"
+    assert client.get_metric_history(distilled.info.run_id, "train/loss")
 
 
 def test_second_repro_runs_nothing(project):
@@ -110,12 +128,53 @@ def test_truncated_shard_is_named_and_earlier_outputs_survive(project):
         shard.write_bytes(before[0])
 
 
+def test_ibmd_never_reads_clean_images(project, tmp_path):
+    """Replace every clean training image by noise (checksums re-signed): the IBMD student
+    comes out bit-identical, so its stage trains on the corrupted y alone."""
+    root, env = project
+    data = tmp_path / "scrambled"
+    shutil.copytree(root / "data" / "prepared", data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    for entry in manifest["splits"]["train"]["shards"]:
+        shard = torch.load(data / entry["file"], weights_only=True)
+        shard["x0"] = torch.randint(0, 256, shard["x0"].shape, generator=g, dtype=torch.uint8)
+        torch.save(shard, data / entry["file"])
+        entry["sha256"] = sha256(data / entry["file"])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "ibmd.pt"
+    sh(f"python stages/distill.py ibmd --teacher models/bridge.pt --data {data} --out {out} "
+       f"--storage {tmp_path / 'ray'}", root, env)
+    original = torch.load(root / "models" / "ibmd.pt", weights_only=True)["state"]["student"]
+    again = torch.load(out, weights_only=True)["state"]["student"]
+    assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_distill_rejects_a_wrong_teacher_before_starting(project, tmp_path):
+    root, env = project
+    out = tmp_path / "mm.pt"
+    run = sh(f"python stages/distill.py mm --teacher models/bridge.pt --data data/prepared --out {out}",
+             root, env, check=False)
+    assert run.returncode != 0 and "teacher_bridge" in run.stderr and "teacher_diffusion" in run.stderr
+    assert "Started a local Ray" not in run.stderr and not out.exists()
+
+
 def test_changing_one_teacher_reruns_only_its_branch(project):
-    """Last in the module: it really reruns the changed branch."""
+    """Near the end of the module: it really reruns the changed branch."""
     root, env = project
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["teacher"]["bridge"]["train"]["lr"] = 0.001
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc repro", root, env).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"teacher@bridge", "evaluate@bridge", "report"}
+    assert ran == {"teacher@bridge", "evaluate@bridge", "distill@ibmd", "evaluate@ibmd", "report"}
+
+
+def test_changing_one_method_reruns_only_that_student(project):
+    root, env = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["distill"]["tdd"]["train"]["lr"] = 5e-4
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc repro", root, env).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"distill@tdd", "evaluate@tdd", "report"}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_params, parse_params
-from pipeline.settings import BRIDGE_SAMPLER_NAMES, DIFFUSION_SAMPLER_NAMES, TEACHER_NAMES
+from pipeline.settings import BRIDGE_SAMPLER_NAMES, DIFFUSION_SAMPLER_NAMES, METHOD_TEACHER, TEACHER_NAMES
 
 from tests.conftest import ROOT, smoke_params
 
@@ -31,6 +31,10 @@ def test_names_in_settings_match_the_registries():
     assert set(DIFFUSION_SAMPLER_NAMES) == set(DIFFUSION_SAMPLERS)
     assert set(BRIDGE_SAMPLER_NAMES) == set(BRIDGE_SAMPLERS)
     assert set(TEACHER_NAMES) == set(TEACHERS)
+    from pipeline.distill import METHODS
+    assert METHOD_TEACHER == {name: m.teacher_name for name, m in METHODS.items()}
+    settings_blocks = {name: type(getattr(load_params(ROOT / "params.yaml").distill, name)) for name in METHODS}
+    assert settings_blocks == {name: m.params_cls for name, m in METHODS.items()}
 
 
 @pytest.mark.parametrize("path, value, message", [
@@ -44,6 +48,13 @@ def test_names_in_settings_match_the_registries():
     (("evaluate", "samplers", "diffusion"), ["ddim", "magic"], "evaluate.samplers.diffusion"),
     (("evaluate", "models"), ["diffusion", "gan"], "evaluate.models"),
     (("ray", "num_workers"), 0, "ray.num_workers"),
+    (("distill", "methods", "gan"), "diffusion", "distill.methods"),
+    (("distill", "methods", "ibmd"), "diffusion", "ibmd distils 'bridge'"),
+    (("distill", "mm", "nfe"), [8, 4], "distill.mm.nfe"),
+    (("distill", "ibmd", "aux_updates"), 0, "distill.ibmd.aux_updates"),
+    (("distill", "pd", "rounds"), 5, "cannot be halved 5 times"),
+    (("distill", "tdd", "schedule"), [10, 500], "distill.tdd"),
+    (("distill", "cd", "solver"), "rk4", "distill.cd.solver"),
 ])
 def test_bad_value_names_its_key(path, value, message):
     raw = shipped()
@@ -60,10 +71,17 @@ def test_bad_value_names_its_key(path, value, message):
     (lambda r: r["evaluate"].update(n_samples=5000), "exceeds data.n_test"),
     (lambda r: r.update(corruption={"kind": "none"}), "bridge nothing to start from"),
     (lambda r: r.update(corruption={"kind": "paired"}), "'paired' goes with 'paired'"),
+    (lambda r: r["evaluate"].update(models=["diffusion", "bridge"]), "lacks the distilled student"),
+    (lambda r: r["distill"]["methods"].pop("pd"), r"lists \['pd'\], which distill.methods does not train"),
+    (lambda r: (r["evaluate"].update(models=["diffusion", "mm"]), r["distill"].update(methods={"mm": "diffusion"}),
+                r.update(corruption={"kind": "none"})) and None, None),
 ])
 def test_inconsistent_sections_are_explained(change, message):
     raw = shipped()
     change(raw)
+    if message is None:  # a consistent variation: must be accepted
+        parse_params(raw)
+        return
     with pytest.raises(ConfigError, match=message):
         parse_params(raw)
 

@@ -7,7 +7,7 @@ import torch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data.shards import write_manifest, write_split
 from pipeline.evaluation import merge_shards, plan, sample_shard, shard_jobs
-from pipeline.report import pareto_front
+from pipeline.report import pareto_front, student_comparison
 from pipeline.settings import DiffusionTeacherParams, UNetParams
 from pipeline.teachers import DataShape, DiffusionTeacherTask, teacher_config
 
@@ -58,3 +58,23 @@ def test_pareto_front_keeps_only_undominated_points():
                           "fid": [10.0, 3.0, 12.0, 5.0, 4.0]})
     front = pareto_front(table)
     assert list(zip(front["nfe"], front["fid"])) == [(1, 10.0), (2, 5.0), (4, 3.0)]
+
+
+def test_student_comparison_against_its_own_teacher():
+    t = dict(method="teacher", sampler="ddim")
+    table = pd.DataFrame([
+        {**t, "model": "diffusion", "teacher": "diffusion", "nfe": 1, "fid": 9.0, "sec_per_sample": 1.0},
+        {**t, "model": "diffusion", "teacher": "diffusion", "nfe": 8, "fid": 2.0, "sec_per_sample": 8.0},
+        {**t, "model": "diffusion", "teacher": "diffusion", "nfe": 32, "fid": 1.0, "sec_per_sample": 32.0},
+        {**t, "model": "bridge", "teacher": "bridge", "nfe": 1, "fid": 0.1, "sec_per_sample": 1.0},
+        {"model": "mm", "method": "mm", "teacher": "diffusion", "sampler": "student", "nfe": 4,
+         "fid": 1.5, "sec_per_sample": 2.0},
+        {"model": "pd", "method": "pd", "teacher": "diffusion", "sampler": "student", "nfe": 2,
+         "fid": 0.5, "sec_per_sample": 1.0},
+    ])
+    rows = student_comparison(table).set_index("model")
+    mm = rows.loc["mm"]
+    assert mm["teacher_best_fid"] == 1.0 and mm["vs_best"] == 1.5  # the bridge's 0.1 is not its teacher
+    assert mm["teacher_fid_le_nfe"] == 9.0  # the teacher's best with at most 4 NFE
+    assert mm["teacher_nfe_same_fid"] == 32 and mm["speedup"] == 16.0  # 32 s / 2 s
+    assert pd.isna(rows.loc["pd", "speedup"])  # no teacher point is as good

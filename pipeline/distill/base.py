@@ -1,0 +1,141 @@
+"""The interface every distillation method implements, and the student it produces.
+
+A method (style.md, rule 2) is a `Method`: a frozen params model plus
+- `build()`: init from the frozen teacher: {"student": ..., [auxiliary nets]},
+  each a trainable copy of the teacher's denoiser (or a frozen target);
+- `loss(nets, batch, generator)`: the student's per-sample objective (B,);
+- `train_step(...)`: one optimisation step (methods with an auxiliary network
+  alternate their updates here); `after_step(nets, step)`: EMA targets, rounds;
+- `sample(student, y, noise, nfe, guidance)`: a sample that calls `student`
+  exactly `nfe` times (the caller counts), for each nfe in `nfe_choices()`.
+
+A method is a `training.Task`, so `run_training` (bare or under Ray Train)
+trains it like a teacher. The frozen teacher lives on the method, not in
+`build()`'s dict: it is never checkpointed, wrapped in DDP or averaged.
+"""
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.samplers.nfe import CountingDenoiser
+from pipeline.settings import Params
+from pipeline.teachers import Teacher, build_teacher
+from pipeline.training import Task
+
+
+def col(v):  # (B,) -> (B, 1, 1, 1) to broadcast over images
+    return v.reshape(-1, 1, 1, 1)
+
+
+def trainable_copy(net: nn.Module) -> nn.Module:
+    """A deep copy of a (frozen) network with every parameter trainable, in train mode."""
+    return copy.deepcopy(net).requires_grad_(True).train()
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A deep copy with no trainable parameter, in eval mode."""
+    return copy.deepcopy(net).requires_grad_(False).eval()
+
+
+def unwrap(net):
+    """The module inside a DDP wrapper (or the module itself)."""
+    return getattr(net, "module", net)
+
+
+def batch_noise(shape, generator, device):
+    """Standard normal noise from the loop's CPU generator, on `device`."""
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def batch_uniform(n, generator, device):
+    return torch.rand(n, generator=generator).to(device)
+
+
+class Method(Task):
+    """A distillation method (see the module docstring); subclasses set the class attributes."""
+
+    name: ClassVar[str]
+    params_cls: ClassVar[type]
+    teacher_name: ClassVar[str]  # "diffusion" or "bridge": the teacher it distils
+    data_keys: ClassVar[tuple] = ("x0", "y")  # what training reads from the train split
+    takes_guidance: ClassVar[bool] = False  # True: sample() accepts guidance != 0
+
+    def __init__(self, params: Params, teacher: Teacher):
+        if teacher.name != self.teacher_name:
+            raise ValueError(f"{self.name} distils the {self.teacher_name} teacher, got {teacher.name!r}")
+        self.params, self.teacher = params, teacher
+
+    @property
+    def conditional(self):
+        return self.teacher.shape.conditional
+
+    def to(self, device):
+        self.teacher.denoiser.to(device)
+        return self
+
+    def nfe_choices(self) -> list[int]:
+        """The NFEs this student samples with."""
+        raise NotImplementedError
+
+    def sample(self, student, y, noise, nfe, guidance=0.0):
+        """x0 samples (raw, callers clip) calling `student` exactly `nfe` times; `noise` is
+        a `SeededNoise` shaped like one sample (all randomness comes from it)."""
+        raise NotImplementedError
+
+    def check_sample_args(self, nfe, guidance):
+        if nfe not in self.nfe_choices():
+            raise ValueError(f"{self.name} student samples with nfe in {self.nfe_choices()}, not {nfe}")
+        if guidance != 0 and not self.takes_guidance:
+            raise ValueError(f"{self.name} student takes no classifier-free guidance (got {guidance})")
+
+
+def student_config(method: Method):
+    """The JSON-like config a student checkpoint carries: enough to rebuild and sample it."""
+    t = method.teacher
+    return {"method": method.name,
+            "params": method.params.model_dump(mode="json"),
+            "teacher": {"teacher": t.name, "params": t.params.model_dump(mode="json"),
+                        "shape": t.shape.__dict__}}
+
+
+@dataclass
+class Student:
+    """A trained student ready to sample, with the same `sample` signature as `Teacher`."""
+    method: Method
+    net: nn.Module
+
+    @property
+    def name(self):
+        return self.method.name
+
+    @property
+    def teacher_name(self):
+        return self.method.teacher.name
+
+    def sample(self, sampler, y, noise, nfe, guidance=0.0):
+        """(x0 samples, NFE spent); `sampler` must be "student"."""
+        if sampler != "student":
+            raise ValueError(f"a {self.name} student has one sampler, 'student', not {sampler!r}")
+        self.method.check_sample_args(nfe, guidance)
+        y = y if self.method.conditional else None
+        counted = CountingDenoiser(self.net)
+        with torch.no_grad():
+            x = self.method.sample(counted, y, noise, nfe, guidance)
+        if counted.calls != nfe:
+            raise RuntimeError(f"{self.name} student: asked for {nfe} NFE, made {counted.calls} calls")
+        return x, counted.calls
+
+
+def load_student(path, methods):
+    """Rebuild a student from its self-describing checkpoint; `methods` is the registry."""
+    payload = load_checkpoint(path, kinds={f"student_{m}" for m in methods})
+    config = payload["config"]
+    cls = methods[config["method"]]
+    method = cls(cls.params_cls.model_validate(config["params"]), build_teacher(config["teacher"]))
+    net = method.build()["student"]
+    net.load_state_dict(payload["state"]["student"])
+    return Student(method, net.eval().requires_grad_(False))

@@ -1,0 +1,114 @@
+"""The contract every distillation method in the registry keeps (style.md): picked up
+automatically for a new method. Teachers are tiny real networks with random weights:
+the contract is about plumbing (shapes, gradients, NFE), not quality."""
+import pytest
+import torch
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.distill import METHODS, load_student, make_method
+from pipeline.distill.base import Student, student_config, unwrap
+from pipeline.noise import SeededNoise
+from pipeline.samplers.nfe import CountingDenoiser
+from pipeline.settings import BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams
+from pipeline.teachers import DataShape, build_teacher, teacher_config
+from pipeline.training import run_training
+
+SHAPE = DataShape(channels=1, image_size=8, conditional=True)
+NET = UNetParams(patch=2, channels=(16, 16), emb_dim=32)
+TRAIN = TrainParams(steps=2, batch_size=6, lr=1e-3, warmup_steps=0, log_every=1, checkpoint_every=2)
+# Every registered method, plus the DDBM-style (conditional) bridge for IBMD.
+CASES = [(name, "i2sb") for name in METHODS] + [("ibmd", "ddbm")]
+
+
+def tiny_teacher(name, style):
+    params = (BridgeTeacherParams(style=style, net=NET) if name == "bridge"
+              else DiffusionTeacherParams(net=NET))
+    teacher = build_teacher(teacher_config(name, params, SHAPE))
+    torch.manual_seed(0)
+    with torch.no_grad():  # the UNet head starts at zero; make the network do something
+        for p in teacher.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return teacher
+
+
+def method_for(name, style, **train):
+    cls = METHODS[name]
+    params = cls.params_cls().model_copy(update={"train": TRAIN.model_copy(update=train)})
+    return make_method(name, params, tiny_teacher(cls.teacher_name, style))
+
+
+def batch(method, n=6):
+    g = torch.Generator().manual_seed(1)
+    full = {"x0": torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, "y": torch.rand(n, 1, 8, 8, generator=g) * 2 - 1}
+    return {k: full[k] for k in method.data_keys}
+
+
+@pytest.fixture(params=CASES, ids=[f"{n}-{s}" if n == "ibmd" else n for n, s in CASES])
+def method(request):
+    return method_for(*request.param)
+
+
+def test_loss_is_finite_and_per_sample(method):
+    nets = method.build()
+    loss = method.loss(nets, batch(method), torch.Generator().manual_seed(0))
+    assert loss.shape == (6,) and torch.isfinite(loss).all()
+
+
+def test_gradients_reach_only_the_student(method):
+    nets = method.build()
+    method.loss(nets, batch(method), torch.Generator().manual_seed(0)).sum().backward()
+    student_grads = [p.grad for p in nets["student"].parameters()]
+    assert all(g is not None for g in student_grads) and any(g.abs().sum() > 0 for g in student_grads)
+    assert all(p.grad is None for p in method.teacher.denoiser.parameters())
+    for key, net in nets.items():
+        if key != "student":
+            assert all(p.grad is None for p in net.parameters()), f"{key} received a gradient"
+
+
+def test_a_training_step_moves_the_student_and_not_the_teacher(method):
+    teacher_before = {k: v.clone() for k, v in method.teacher.denoiser.state_dict().items()}
+    nets = method.build()
+    student_before = {k: v.clone() for k, v in nets["student"].state_dict().items()}
+    optimizers = method.optimizers(nets, method.params.train)
+    metrics = method.train_step(nets, optimizers, batch(method), torch.Generator().manual_seed(0),
+                                method.params.train)
+    method.after_step(nets, 1)
+    assert all(isinstance(v, float) for v in metrics.values())
+    for k, v in method.teacher.denoiser.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"teacher tensor {k} changed"
+    assert any(not torch.equal(v, student_before[k]) for k, v in nets["student"].state_dict().items())
+
+
+def test_sample_calls_the_network_exactly_nfe_times(method):
+    student = unwrap(method.build()["student"]).eval()
+    y = torch.rand(3, 1, 8, 8) * 2 - 1
+    for nfe in method.nfe_choices():
+        counted = CountingDenoiser(student)
+        noise = SeededNoise([0, 1, 2], y.shape[1:])
+        with torch.no_grad():
+            x = method.sample(counted, y, noise, nfe)
+        assert counted.calls == nfe and x.shape == y.shape and torch.isfinite(x).all()
+
+
+def test_student_checkpoint_is_self_describing(method, tmp_path):
+    state = run_training(method, batch(method), method.params.train, seed=0)
+    path = tmp_path / "student.pt"
+    save_checkpoint(path, f"student_{method.name}", student_config(method), {"student": state["ema"]["student"]})
+    loaded = load_student(path)
+    assert isinstance(loaded, Student) and loaded.name == method.name
+    y, nfe = torch.rand(2, 1, 8, 8) * 2 - 1, method.nfe_choices()[0]
+    direct = method.build()["student"]
+    direct.load_state_dict(state["ema"]["student"])
+    x_loaded, used = loaded.sample("student", y, SeededNoise([3, 4], y.shape[1:]), nfe)
+    with torch.no_grad():
+        x_direct = method.sample(direct.eval(), y, SeededNoise([3, 4], y.shape[1:]), nfe)
+    assert used == nfe and torch.allclose(x_loaded, x_direct, atol=1e-6)
+    with pytest.raises(ValueError, match="nfe"):
+        loaded.sample("student", y, SeededNoise([3, 4], y.shape[1:]), max(method.nfe_choices()) + 1)
+
+
+def test_a_method_refuses_the_wrong_teacher():
+    wrong = {"bridge": "diffusion", "diffusion": "bridge"}
+    for name, cls in METHODS.items():
+        with pytest.raises(ValueError, match=cls.teacher_name):
+            make_method(name, cls.params_cls(), tiny_teacher(wrong[cls.teacher_name], "i2sb"))

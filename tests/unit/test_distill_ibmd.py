@@ -1,0 +1,175 @@
+"""IBMD on an analytic Gaussian toy: a bridge teacher that needs no training.
+
+Data: per pixel, x0 ~ N(M, V) and y = x0 + N(0, NOISE), so (x0, y) is jointly
+Gaussian and p(x0 | y) = N(M + R (y - M), POST_VAR), R = V/(V + NOISE),
+POST_VAR = V NOISE/(V + NOISE). For the bridge x_t = a y + b x0 + c eps both
+posterior means the teacher needs are linear in the inputs:
+- DDBM (sees y):   E[x0 | x_t, y] = mu + vp b/(b^2 vp + c^2) (x_t - a y - b mu),
+                   mu, vp the mean and variance of x0 | y;
+- I2SB (never y):  E[x0 | x_t] = m_x + (a C + b Vx)/Var(x_t) (x_t - a m_y - b m_x).
+`GaussianBridgeDenoiser` computes these for a joint Gaussian (m_x, m_y, Vx, Vy, C)
+whose five numbers are its trainable parameters, started at the truth (so the
+teacher is exact); `widen_input` adds a zero-initialised linear map of the noise
+channels. The family is closed under what IBMD needs: a one-step student
+x0 = mu(y) + w z is again a joint Gaussian, so phi can represent its bridge exactly
+and the optimum (w^2 = POST_VAR) is reachable.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.bridge import BridgeSchedule
+from pipeline.distill import METHODS
+from pipeline.distill.ibmd import IBMD
+from pipeline.noise import SeededNoise
+from pipeline.samplers.nfe import CountingDenoiser
+from pipeline.settings import BridgeScheduleParams, BridgeTeacherParams, IBMDParams, TrainParams
+from pipeline.teachers import DataShape, Teacher
+from pipeline.training import LoopHooks, run_training
+
+M, V, NOISE = 0.2, 0.25, 0.25
+R, POST_VAR = V / (V + NOISE), V * NOISE / (V + NOISE)
+SHAPE = DataShape(channels=1, image_size=2, conditional=True)
+SCHEDULES = {"i2sb": BridgeScheduleParams(kind="i2sb"), "ddbm": BridgeScheduleParams(kind="vp")}
+
+
+def _col(v):
+    return v.reshape(-1, 1, 1, 1)
+
+
+class GaussianBridgeDenoiser(nn.Module):
+    """Exact bridge posterior mean for a jointly Gaussian (x0, y) per pixel (module docstring)."""
+
+    def __init__(self, schedule, style):
+        super().__init__()
+        self.schedule = BridgeSchedule.of(schedule)
+        self.sees_y = style == "ddbm"
+        self.m_x, self.m_y = nn.Parameter(torch.tensor(M)), nn.Parameter(torch.tensor(M))
+        self.log_vx = nn.Parameter(torch.tensor(math.log(V)))
+        self.log_vy = nn.Parameter(torch.tensor(math.log(V + NOISE)))
+        self.rho = nn.Parameter(torch.tensor(math.atanh(V / math.sqrt(V * (V + NOISE)))))
+        self.z_weight = None  # (C, k) after widen_input(k)
+
+    def forward(self, x_t, t, y, extra=None):
+        a, b, c = (_col(v) for v in self.schedule.marginal(t))
+        vx, vy = self.log_vx.exp(), self.log_vy.exp()
+        cov = torch.tanh(self.rho) * (vx * vy).sqrt()
+        if self.sees_y:  # E[x0 | x_t, y]
+            mu, vp = self.m_x + cov / vy * (y - self.m_y), vx - cov ** 2 / vy
+            gain = vp * b / (b ** 2 * vp + c ** 2).clamp_min(1e-12)  # 0 at t = T (b = c = 0)
+            out = mu + gain * (x_t - a * y - b * mu)
+        else:  # E[x0 | x_t]
+            var_xt = a ** 2 * vy + b ** 2 * vx + 2 * a * b * cov + c ** 2
+            out = self.m_x + (a * cov + b * vx) / var_xt * (x_t - a * self.m_y - b * self.m_x)
+        if extra is not None:
+            out = out + torch.einsum("ck,bkhw->bchw", self.z_weight, extra)
+        return out
+
+    def widen_input(self, channels):
+        self.z_weight = nn.Parameter(torch.zeros(SHAPE.channels, channels))
+        return self
+
+
+def toy_teacher(style):
+    params = BridgeTeacherParams(style=style, schedule=SCHEDULES[style], sigma_data=math.sqrt(V),
+                                 sigma_y=math.sqrt(V + NOISE), cov_xy=V)
+    denoiser = GaussianBridgeDenoiser(params.schedule, style).eval().requires_grad_(False)
+    return Teacher(name="bridge", family="bridge", params=params, shape=SHAPE, denoiser=denoiser)
+
+
+def toy_y(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = M + math.sqrt(V) * torch.randn(n, 1, 2, 2, generator=g)
+    return x0 + math.sqrt(NOISE) * torch.randn(x0.shape, generator=g)
+
+
+def ibmd(style="ddbm", **overrides):
+    params = IBMDParams(**{"train": TrainParams(steps=300, batch_size=256, lr=3e-3, warmup_steps=0,
+                                                 log_every=50), **overrides})
+    return IBMD(params, toy_teacher(style))
+
+
+def train(method, seed=0):
+    """(trained student G, loop history) after training on y only."""
+    hooks = LoopHooks()
+    state = run_training(method, {"y": toy_y()}, method.params.train, seed=seed, hooks=hooks)
+    student = method.build()["student"]
+    student.load_state_dict(state["nets"]["student"])
+    return student.eval().requires_grad_(False), hooks.history
+
+
+def z_moments(method, student, y, draws=4000):
+    """Mean and variance over z of the student's samples for each fixed y: (B, 1, 2, 2) each."""
+    noise = SeededNoise(range(draws * len(y)), y.shape[1:])
+    ys = y.repeat(draws, 1, 1, 1)
+    with torch.no_grad():
+        x0 = method.sample(student, ys, noise, method.params.nfe).reshape(draws, *y.shape)
+    return x0.mean(0), x0.var(0)
+
+
+def test_registered_and_trains_on_y_only():
+    assert METHODS["ibmd"] is IBMD and IBMD.data_keys == ("y",)
+    method = ibmd()
+    method.to("cpu")
+    nets = method.build()
+    loss = method.loss(nets, {"y": toy_y(8)}, torch.Generator().manual_seed(0))
+    assert loss.shape == (8,) and torch.isfinite(loss).all()
+
+
+def test_loss_gradients_reach_only_the_student():
+    method = ibmd()
+    nets = method.build()
+    nets["student"].z_weight.data.fill_(0.3)
+    method.loss(nets, {"y": toy_y(16)}, torch.Generator().manual_seed(1)).mean().backward()
+    assert all(p.grad is not None for p in nets["student"].parameters())
+    assert all(p.grad is None for p in nets["aux"].parameters())
+    assert all(p.grad is None for p in method.teacher.denoiser.parameters())
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3])
+def test_sample_calls_the_student_exactly_nfe_times(nfe):
+    method = ibmd(nfe=nfe)
+    student = CountingDenoiser(method.build()["student"])
+    y = toy_y(4)
+    x0 = method.sample(student, y, SeededNoise(range(4), y.shape[1:]), nfe)
+    assert student.calls == nfe and x0.shape == y.shape and torch.isfinite(x0).all()
+    with pytest.raises(ValueError):
+        method.sample(student, y, SeededNoise(range(4), y.shape[1:]), nfe + 1)
+
+
+@pytest.mark.parametrize("style", ["ddbm", "i2sb"])
+def test_one_step_student_matches_the_true_posterior(style):
+    # The posterior is N(M + R (y - M), POST_VAR) for every y. Tolerances: 4000 draws
+    # give the variance to ~2% (1 sd); the rest is training noise at lr 3e-3. The
+    # untrained student (the teacher's posterior mean) has variance 0.
+    method = ibmd(style)
+    student, history = train(method)
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["aux_loss"]) for h in history)
+    y = torch.tensor([-0.8, 0.0, 0.4, 1.2]).reshape(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    mean, var = z_moments(method, student, y)
+    assert torch.allclose(mean, M + R * (y - M), atol=0.1 * math.sqrt(POST_VAR))
+    assert torch.allclose(var, torch.full_like(var, POST_VAR), rtol=0.15)
+
+
+def test_without_the_aux_term_the_generator_collapses():
+    method = ibmd(aux_term=False)
+    student, _ = train(method)
+    y = toy_y(4)
+    _, var = z_moments(method, student, y, draws=1000)
+    assert var.max() < 0.1 * POST_VAR
+
+
+@pytest.mark.parametrize("style", ["ddbm", "i2sb"])
+@pytest.mark.parametrize("multistep_x0,through", [("stopped", False), ("chain", True)])
+def test_multistep_student_trains(style, multistep_x0, through):
+    method = ibmd(style, nfe=2, multistep_x0=multistep_x0, grad_through_chain=through,
+                  train=TrainParams(steps=20, batch_size=64, lr=3e-3, warmup_steps=0, log_every=10))
+    student, history = train(method)
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["aux_loss"]) for h in history)
+    assert student.z_weight.abs().sum() > 0  # the noise input was trained
+    counted = CountingDenoiser(student)
+    y = toy_y(4)
+    x0 = method.sample(counted, y, SeededNoise(range(4), y.shape[1:]), 2)
+    assert counted.calls == 2 and torch.isfinite(x0).all()

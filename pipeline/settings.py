@@ -302,8 +302,11 @@ class IBMDParams(Params):
     student_updates: int = Field(1, ge=1, le=100)  # ... K generator updates (the L:K ratio)
     aux_term: bool = True  # ablation: False drops the -phi term (the generator collapses)
     detach_xt: bool = False  # ablation: True stops the gradient through x_t
-    multistep_x0: Literal["stopped", "chain"] = "stopped"  # nfe > 1: x0 from a chain stopped at a
-    grad_through_chain: bool = False  # random grid time (DDBM setups) or the full chain (I2SB)
+    # nfe > 1: x0 from the chain stopped at a uniformly drawn grid step per sample (DDBM
+    # setups) or from the full chain (I2SB setups); (unconfirmed) whether gradients flow
+    # through the earlier steps (False: each x_{t_n} fed to the student is detached).
+    multistep_x0: Literal["stopped", "chain"] = "stopped"
+    grad_through_chain: bool = False
     train: TrainParams = _student_train(lr=1e-4)
 
 
@@ -313,6 +316,9 @@ class MMParams(Params):
     nfe: list[int] = [4, 8]  # student step counts k trained together; t from the union of grids
     aux_teacher_weight: float = Field(1.0, ge=0.0)  # the ||g_theta - g_phi||^2 regulariser
     jvp_scale: float = Field(1.0, gt=0.0)  # parameter variant: step of the teacher-space push
+    s_draw: Literal["uniform", "next"] = "uniform"  # s ~ U(VP time of grid[i+1], t) or s = grid[i+1]
+    weight: Literal["edm", "one"] = "edm"  # w(s): EDM's 1/c_out^2 or 1 (mm.py docstring)
+    step_input: bool = True  # the student also sees the noise level it steps to (one net, every k)
     train: TrainParams = _student_train(adam_betas=(0.0, 0.99))
 
     @field_validator("nfe")

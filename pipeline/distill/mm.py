@@ -19,13 +19,24 @@ on an independent minibatch 2 and used in place of sg[g_phi - g_theta] above.
 
 Decisions on (unconfirmed) details:
 - Grid and (t, s): per sample, k uniform over `params.nfe`, then a step index i uniform on the
-  k-step grid; t = grid[i], s = grid[i+1]. The grid ends at 0, where q(z_s | .) and the
-  teacher are undefined (c_noise = log s), so s is floored at sigma_min; the final step
-  (t = sigma_min) then has s = t, z_s = z_t, and its signal pulls x_tilde to the teacher's
-  prediction at sigma_min (a near-identity step of the shared DDPM grid).
-- w(s) = EDM weight (s^2 + sd^2)/(s sd)^2 = 1/c_out^2: the aux loss is a denoising regression
+  k-step grid; t = grid[i]. `s_draw="uniform"` (default) draws s uniformly in VP time between
+  grid[i+1] and t; `s_draw="next"` takes s = grid[i+1]. Either way s is floored at sigma_min
+  (the grid ends at 0, where q(z_s | .) degenerates and the teacher's c_noise = log s is
+  undefined). Why "uniform": the DDPM grid `vp_sigmas(k)` always ends [.., sigma_min, 0], so
+  with "next" the last real jump (and for k <= 2 every jump) is only ever matched at
+  s = sigma_min, where g_phi - g_theta ~ s^2 (score difference) is unlearnable noise; on the
+  Gaussian toy "next" drifted (k = 1, 2: mean 0.63 vs 0.3) while "uniform" recovered the data
+  moments. Matching at any s < t is a valid moment condition of the exact sampler.
+- One student serves every k in `params.nfe` (the paper trains one per k). Without a k input
+  the k-step students' t = sigma_max steps compete (on the toy, nfe=[2, 4] left the 2-step
+  student collapsed), so the student network gets one extra input channel carrying the
+  noise level s it steps to (`StepAwareDenoiser`, c_noise(s) = ln(s)/4 as a constant map).
+  Its stem weights start at zero, so the student starts exactly as the teacher.
+  `step_input: false` gives the plain teacher architecture (any denoiser; one k per student).
+- w(s) (`params.weight`, default "edm") = EDM weight (s^2 + sd^2)/(s sd)^2 = 1/c_out^2: the aux loss is a denoising regression
   like the teacher's, and g_phi - g_theta ~ s^2 (score difference), so the same weight puts
-  every s on the scale of a score difference. Squared norms are means over pixels.
+  every s on the scale of a score difference (w = 1 learnt far slower on the toy: variance
+  0.10 vs 0.26 after 600 steps). Squared norms are means over pixels.
 - The student step uses g_phi(z_s) from before the aux update (both gradients from one
   snapshot; one forward pass fewer).
 - Optimisers: Adam betas `train.adam_betas` (default (0, 0.99), reported in public
@@ -34,11 +45,32 @@ Decisions on (unconfirmed) details:
 - Parameter variant: the batch is split in two halves (the two independent minibatches).
 """
 import torch
+from torch import nn
 from torch.func import functional_call, jvp
 
 from pipeline.distill.base import Method, batch_noise, col, trainable_copy
-from pipeline.schedules import edm_loss_weight, vp_sigmas
+from pipeline.schedules import edm_loss_weight, edm_precond, vp_sigma, vp_sigma_inv, vp_sigmas
 from pipeline.settings import MMParams
+
+
+class StepAwareDenoiser(nn.Module):
+    """An EDM denoiser D(x, sigma, y) with one more input channel, ln(s)/4 everywhere: the
+    noise level s the sampler steps to next. Zero-initialised, so it starts as `denoiser`."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+        denoiser.net.widen_input(1)
+
+    def forward(self, x, sigma, y, s_next):
+        d = self.denoiser
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, d.sigma_data)
+        parts = [col(c_in) * x]                                             # (B, C, H, W)
+        if d.conditional:  # y = None: the null condition (as in EDMDenoiser)
+            keep = torch.ones(len(x), device=x.device) if y is not None else torch.zeros(len(x), device=x.device)
+            parts.append(d.condition(torch.zeros_like(x) if y is None else y, keep))
+        parts.append(col(s_next.log() / 4).expand(-1, 1, *x.shape[-2:]))    # (B, 1, H, W)
+        return col(c_skip) * x + col(c_out) * d.net(torch.cat(parts, dim=1), c_noise)
 
 
 # DDPM posterior q(z_s | z_t, x0 = x_tilde) in sigma space (Ho et al. 2020, Eq. 6-7, alpha = 1).
@@ -51,8 +83,23 @@ def ddpm_posterior(z_t, x_tilde, t, s, eps):
     return x_tilde + ratio2 * (z_t - x_tilde) + std * eps
 
 
+def _vp_time(sigma):  # elementwise vp_sigma_inv of a float64 tensor
+    return torch.tensor([vp_sigma_inv(v) for v in sigma.tolist()], dtype=torch.float64)
+
+
 def _mean_pixels(v):  # (B, C, H, W) -> (B,)
     return v.flatten(1).mean(1)
+
+
+class _StepBlind(nn.Module):
+    """The student's call signature for a denoiser that ignores s_next (`step_input: false`)."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x, sigma, y, s_next):
+        return self.denoiser(x, sigma, y)
 
 
 class MomentMatching(Method):
@@ -65,7 +112,8 @@ class MomentMatching(Method):
         return self.params.variant == "alternating"
 
     def build(self):
-        nets = {"student": trainable_copy(self.teacher.denoiser)}
+        student = trainable_copy(self.teacher.denoiser)
+        nets = {"student": StepAwareDenoiser(student) if self.params.step_input else _StepBlind(student)}
         if self.alternating:
             nets["aux"] = trainable_copy(self.teacher.denoiser)
         return nets
@@ -88,36 +136,43 @@ class MomentMatching(Method):
         sigmas = self.grid(nfe).tolist()
         x = sigmas[0] * noise.randn()
         for t, s in zip(sigmas[:-1], sigmas[1:]):
-            x_tilde = student(x, torch.full((len(x),), t, dtype=x.dtype, device=x.device), y)
+            t_, s_ = (torch.full((len(x),), v, dtype=x.dtype, device=x.device) for v in (t, s))
+            x_tilde = student(x, t_, y, s_.clamp_min(self.teacher.schedule.sigma_min))
             if s == 0:
                 return x_tilde
             x = ddpm_posterior(x, x_tilde, t, s, noise.randn())
         return x
 
     def draw_times(self, n, generator, device):
-        """(t, s), each (n,) float32: consecutive points of a k-step grid, k uniform over
-        params.nfe, s floored at sigma_min (see the module docstring)."""
-        pairs = torch.cat([torch.stack([g[:-1], g[1:]], 1) for g in map(self.grid, self.params.nfe)])
-        ks = torch.tensor(self.params.nfe, dtype=torch.float64)
-        # P(pair of grid k) = 1/(len(nfe) k): k uniform, then the index uniform on its grid.
-        probs = torch.cat([torch.full((int(k),), 1 / k) for k in ks])
+        """(t, s_next, s), each (n,) float32: t a point of a k-step grid (k uniform over
+        params.nfe, then the index uniform), s_next the grid's next point (the student's
+        input), s the matching point below t (`params.s_draw`); both floored at sigma_min."""
+        grids = [self.grid(k) for k in self.params.nfe]
+        pairs = torch.cat([torch.stack([g[:-1], g[1:]], 1) for g in grids])         # (P, 2)
+        probs = torch.cat([torch.full((len(g) - 1,), 1.0 / (len(g) - 1)) for g in grids])
         idx = torch.multinomial(probs, n, replacement=True, generator=generator)
-        t, s = pairs[idx].T
-        s = s.clamp_min(self.teacher.schedule.sigma_min)
-        return t.float().to(device), s.float().to(device)
+        t, s_next = pairs[idx].T
+        s = s_next
+        if self.params.s_draw == "uniform":   # uniform in VP time between grid[i+1] and t
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            s = vp_sigma(torch.lerp(_vp_time(s_next), _vp_time(t), u))
+        floor = self.teacher.schedule.sigma_min
+        return tuple(v.clamp_min(floor).float().to(device) for v in (t, s_next, s))
 
     def rollout(self, student, batch, generator):
         """One training draw: (x_tilde with grad, sg(z_s), s, y)."""
         x0 = batch["x0"]
         y = batch["y"] if self.conditional else None
-        t, s = self.draw_times(len(x0), generator, x0.device)
+        t, s_next, s = self.draw_times(len(x0), generator, x0.device)
         z_t = x0 + col(t) * batch_noise(x0.shape, generator, x0.device)
-        x_tilde = student(z_t, t, y)
+        x_tilde = student(z_t, t, y, s_next)
         z_s = ddpm_posterior(z_t, x_tilde.detach(), t, s, batch_noise(x0.shape, generator, x0.device))
         return x_tilde, z_s, s, y
 
     def weight(self, s):
-        return edm_loss_weight(s, self.teacher.schedule.sigma_data)
+        if self.params.weight == "edm":
+            return edm_loss_weight(s, self.teacher.schedule.sigma_data)
+        return torch.ones_like(s)
 
     def student_objective(self, x_tilde, s, direction):
         """w(s) x_tilde . sg[direction] per sample (B,): the linear MM 'loss'."""

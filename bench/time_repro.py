@@ -3,6 +3,7 @@
     python bench/time_repro.py            # whatever is out of date
     python bench/time_repro.py -f         # everything (the full default run)
     python bench/time_repro.py --noop 5   # median of 5 runs with nothing changed
+    python bench/time_repro.py distill@mm evaluate@mm   # only these targets (and what they need)
 """
 import argparse
 import statistics
@@ -35,13 +36,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-f", "--force", action="store_true")
     ap.add_argument("--noop", type=int, default=0, help="time N no-op runs instead")
+    ap.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
     args = ap.parse_args()
     if args.noop:
         times = [timed_repro([])[1] for _ in range(args.noop)]
         print(f"no-op dvc repro: median {statistics.median(times):.2f} s over {len(times)} runs "
               f"(min {min(times):.2f}, max {max(times):.2f})")
         return
-    stages, total = timed_repro(["-f"] if args.force else [])
+    stages, total = timed_repro((["-f"] if args.force else []) + args.targets)
     print("| stage | seconds |\n|---|---|")
     for name, seconds in stages:
         print(f"| {name} | {seconds:.1f} |")

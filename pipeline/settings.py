@@ -8,7 +8,7 @@ lives in the modules named in each block's docstring.
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Names the registries provide; tests/unit/test_config.py checks they agree.
 DIFFUSION_SAMPLER_NAMES = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m")
@@ -289,10 +289,14 @@ def _student_train(**overrides):
     return TrainParams(**{**defaults, **overrides})
 
 
-def _increasing(values, what):
+def _increasing(values):
     if not values or sorted(set(values)) != list(values):
-        raise ValueError(f"{what} must be a non-empty, strictly increasing list")
+        raise ValueError("must be a non-empty, strictly increasing list")
     return values
+
+
+# The NFEs a student is distilled for and samples with.
+NfeList = Annotated[list[int], AfterValidator(_increasing)]
 
 
 class IBMDParams(Params):
@@ -313,18 +317,13 @@ class IBMDParams(Params):
 class MMParams(Params):
     """Multistep Moment Matching (Salimans et al. 2024) of the diffusion teacher."""
     variant: Literal["alternating", "parameter"] = "alternating"
-    nfe: list[int] = [4, 8]  # student step counts k trained together; t from the union of grids
+    nfe: NfeList = [4, 8]  # student step counts k trained together; t from the union of grids
     aux_teacher_weight: float = Field(1.0, ge=0.0)  # the ||g_theta - g_phi||^2 regulariser
     jvp_scale: float = Field(1.0, gt=0.0)  # parameter variant: step of the teacher-space push
     s_draw: Literal["uniform", "next"] = "uniform"  # s ~ U(VP time of grid[i+1], t) or s = grid[i+1]
     weight: Literal["edm", "one"] = "edm"  # w(s): EDM's 1/c_out^2 or 1 (mm.py docstring)
     step_input: bool = True  # the student also sees the noise level it steps to (one net, every k)
     train: TrainParams = _student_train(adam_betas=(0.0, 0.99))
-
-    @field_validator("nfe")
-    @classmethod
-    def _nfe(cls, nfe):
-        return _increasing(nfe, "nfe")
 
 
 class ConsistencyParams(Params):
@@ -338,13 +337,8 @@ class ConsistencyParams(Params):
     ema_mu: float = Field(0.95, ge=0.0, lt=1.0)  # target network EMA; 0 = the online student
     distance: Literal["l2", "pseudo_huber"] = "l2"
     huber_c: float = Field(0.03, gt=0.0)
-    nfe: list[int] = [1, 2, 4, 8]  # multistep sampling by re-noising
+    nfe: NfeList = [1, 2, 4, 8]  # multistep sampling by re-noising
     train: TrainParams = _student_train()
-
-    @field_validator("nfe")
-    @classmethod
-    def _nfe(cls, nfe):
-        return _increasing(nfe, "nfe")
 
     @model_validator(mode="after")
     def _grid(self):
@@ -368,13 +362,8 @@ class TDDParams(Params):
     schedule: Optional[list[int]] = None  # non-equidistant inference timesteps (descending)
     clip_x0_steps: int = Field(0, ge=0)  # dynamic thresholding on this many first steps
     clip_ratio: float = Field(0.995, gt=0.5, le=1.0)
-    nfe: list[int] = [4, 6, 8]
+    nfe: NfeList = [4, 6, 8]
     train: TrainParams = _student_train()
-
-    @field_validator("nfe")
-    @classmethod
-    def _nfe(cls, nfe):
-        return _increasing(nfe, "nfe")
 
     @model_validator(mode="after")
     def _schedules(self):

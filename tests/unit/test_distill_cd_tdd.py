@@ -81,6 +81,7 @@ class ToyDenoiser(EDMDenoiser):
 
 
 def toy_teacher(conditional):
+    torch.manual_seed(0)  # the correction network's init: results must not depend on test order
     shape = DataShape(channels=SHAPE[0], image_size=SHAPE[1], conditional=conditional)
     denoiser = ToyDenoiser(shape).eval().requires_grad_(False)
     return Teacher(name="diffusion", family="diffusion", params=DiffusionTeacherParams(),

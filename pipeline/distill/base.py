@@ -51,10 +51,6 @@ def batch_noise(shape, generator, device):
     return torch.randn(shape, generator=generator).to(device)
 
 
-def batch_uniform(n, generator, device):
-    return torch.rand(n, generator=generator).to(device)
-
-
 class Method(Task):
     """A distillation method (see the module docstring); subclasses set the class attributes."""
 

@@ -10,7 +10,7 @@ its own ground truth. `seconds` is the wall time of sampling alone, on one
 worker, so `sec_per_sample` compares models fairly.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,12 +111,20 @@ def shard_jobs(model_path, data_dir, n_samples, n_shards, plan_, seed, guidance,
                      batch_size, threads) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
+def split_by_plan(shards):
+    """One job per (plan item, shard), item by item: the bounds and batches of `shards` are
+    kept, so the samples are the same values in smaller pieces (progress moves per NFE)."""
+    return [replace(job, plan=(item,)) for item in (shards[0].plan if shards else ()) for job in shards]
+
+
 def merge_shards(results):
-    """Concatenate shard outputs in sample order; seconds add up."""
-    merged = {}
-    for key in results[0]:
-        merged[key] = (torch.cat([r[key][0] for r in results]), sum(r[key][1] for r in results))
-    return merged
+    """{(sampler, nfe): (samples, seconds)} from shard outputs, whole or split by plan item,
+    given in sample order for each item: samples are concatenated, seconds add up."""
+    parts = {}
+    for result in results:
+        for key, value in result.items():
+            parts.setdefault(key, []).append(value)
+    return {key: (torch.cat([x for x, _ in p]), sum(secs for _, secs in p)) for key, p in parts.items()}
 
 
 def score(samples, seconds, truth, classifier, fid_kwargs, conditional):

@@ -114,9 +114,43 @@ class StageRun(_Run):
         parent = _group_parent(client, exp_id, tags[GROUP_TAG])
         tags = {**tags, "mlflow.parentRunId": parent}
         super().__init__(client, client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, uri)
-        flat = _flatten(params)
-        for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
-            self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in flat[i:i + 100]])
+        _log_params(client, self.run_id, params)
+
+
+class SweepRun(_Run):
+    """The parent run of a sweep (its trials are children); `run_id` reopens it on resume."""
+
+    def __init__(self, uri, experiment, run_name, tags, params, artifact_root, run_id=None):
+        check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            super().__init__(client, run_id, uri)
+            return
+        exp_id = _experiment_id(client, experiment, artifact_root)
+        super().__init__(client, client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, uri)
+        _log_params(client, self.run_id, params)
+
+
+def trial_run(uri, parent_run_id, run_name, tags, params):
+    """The run of one sweep trial under its sweep's run: the existing one when the trial
+    restarts (a resumed sweep), else a new one with `params` logged."""
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs([parent.info.experiment_id], max_results=1, filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_id = '{tags['trial_id']}'"))
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return _Run(client, found[0].info.run_id, uri)
+    run = _Run(client, parent_run_id, uri).child(run_name, tags)
+    _log_params(client, run.run_id, params)
+    return run
+
+
+def _log_params(client, run_id, params):
+    flat = _flatten(params)
+    for i in range(0, len(flat), 100):  # log_batch takes at most 100 params
+        client.log_batch(run_id, params=[_param(k, v) for k, v in flat[i:i + 100]])
 
 
 class MetricLogger:

@@ -2,10 +2,10 @@
 
 This is the edge of the system: the only place that reads params.yaml, argv
 and environment variables (RAY_ADDRESS, MLFLOW_TRACKING_URI,
-PIPELINE_RUN_GROUP). Params are validated before anything heavy loads: this
-module imports only pydantic and PyYAML at the top, and each stage imports
-torch, Ray and MLflow inside `main()` after `load` (a typo in params.yaml is
-reported in well under a second).
+PIPELINE_RUN_GROUP, CI, PIPELINE_PROGRESS). Params are validated before
+anything heavy loads: this module imports only pydantic and PyYAML at the
+top, and each stage imports torch, Ray and MLflow inside `main()` after
+`load` (a typo in params.yaml is reported in well under a second).
 """
 import argparse
 import os
@@ -55,6 +55,16 @@ def connect_ray(params):
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     connect(os.environ.get("RAY_ADDRESS"), num_cpus=os.cpu_count())
+
+
+def progress_enabled():
+    """Progress bars on: only when stderr is a terminal, and never under CI (`CI` set to
+    anything but "", "0" or "false") or with PIPELINE_PROGRESS=0."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+        return False
+    if os.environ.get("PIPELINE_PROGRESS") == "0":
+        return False
+    return sys.stderr.isatty()
 
 
 def tracking_uri(params):

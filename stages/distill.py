@@ -1,5 +1,4 @@
 """DVC stage `distill@<method>`: distil a student from its frozen teacher as a Ray Train job."""
-import functools
 import sys
 
 import common
@@ -15,30 +14,21 @@ def main():
         ("--storage", {"default": "ray_results", "type": common.path})])
     params = common.load(args, section=f"distill.{args.method}")
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.checkpoint import CheckpointError, save_checkpoint
+    from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
-    from pipeline.data.shards import load_tensors
-    from pipeline.distill import make_method
-    from pipeline.distill.base import student_config
     from pipeline.distributed import fit
-    from pipeline.teachers import load_teacher
+    from pipeline.jobs import distill_job
 
-    method_params = getattr(params.distill, args.method)
     try:  # fail fast, naming the file, before Ray starts
-        method = make_method(args.method, method_params,
-                             load_teacher(args.teacher, names=(METHOD_TEACHER[args.method],)))
-        # Only the fields the method trains on (IBMD: corrupted y alone); checks every shard.
-        load_data = functools.partial(load_tensors, args.data, "train", method.data_keys)
-        load_data()
+        job = distill_job(args.method, params, args.data, args.teacher)
     except (CheckpointError, DataError) as err:
         sys.exit(f"distill@{args.method}: {err}")
     common.connect_ray(params)
-    with common.stage_run(params, "distill", f"distill.{args.method}", model=args.method,
-                          method=args.method, teacher=method.teacher.name) as run:
-        state = fit(method, load_data, method_params.train, params.seed, params.ray, args.storage,
-                    name=f"distill-{args.method}-{run.run_id}", log=run.logger())
-        save_checkpoint(args.out, f"student_{args.method}", student_config(method),
-                        {"student": state["ema"]["student"]})
+    with common.stage_run(params, "distill", f"distill.{args.method}", **job.tags) as run:
+        state = fit(job.task, job.load_data, job.train, params.seed, params.ray, args.storage,
+                    name=f"distill-{args.method}-{run.run_id}", log=run.logger(),
+                    progress=common.progress_enabled())
+        job.write(args.out, state)
     print(f"distill@{args.method}: wrote {args.out}")
 
 

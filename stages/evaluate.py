@@ -29,6 +29,20 @@ def write_outputs(out, rows, results, truth, grid_n):
         write_json(tmp / "grids" / "rows.json", index)  # which row of each grid is what
 
 
+def sample_all(shards, show):
+    """Every shard x (sampler, nfe) as its own Ray task, a "sampling" bar advancing as they finish."""
+    from pipeline.distributed import parallel_map
+    from pipeline.evaluation import merge_shards, sample_shard, split_by_plan
+    from pipeline.progress import bar
+    jobs = split_by_plan(shards)
+    with bar(len(jobs), "sampling", show, unit="job") as sampling:
+        def done(i):
+            (sampler, nfe), = jobs[i].plan
+            sampling.set_postfix(sampler=sampler, nfe=nfe, refresh=False)
+            sampling.update()
+        return merge_shards(parallel_map(sample_shard, [(j,) for j in jobs], on_done=done))
+
+
 def main():
     args = common.parse("evaluate", __doc__, [
         ("name", {}), ("--model", {"required": True, "type": common.path}), ("--data", {"required": True, "type": common.path}),
@@ -37,9 +51,9 @@ def main():
     # Heavy imports only after the params validated (see common.py).
     from pipeline.classifier import load_classifier
     from pipeline.data.shards import load_split
-    from pipeline.distributed import cluster_cpus, parallel_map
-    from pipeline.evaluation import (METRICS, describe, load_model, merge_shards, model_plan,
-                                     sample_shard, score, shard_jobs)
+    from pipeline.distributed import cluster_cpus
+    from pipeline.evaluation import METRICS, describe, load_model, model_plan, score, shard_jobs
+    from pipeline.progress import bar
 
     ev = params.evaluate
     model = load_model(args.model)  # fails fast on a missing or wrong-kind checkpoint
@@ -52,16 +66,21 @@ def main():
                           teacher=teacher) as run:
         shards = shard_jobs(args.model, args.data, ev.n_samples, cluster_cpus(), jobs, ev.seed,
                             guidance, ev.batch_size)
-        results = merge_shards(parallel_map(sample_shard, [(j,) for j in shards]))
+        show = common.progress_enabled()
+        results = sample_all(shards, show)
         truth = load_split(args.data, "test").head(ev.n_samples)
         classifier = load_classifier(Path(args.features) / "classifier.pt")
         fid_kwargs = {"extractor": features["extractor"], "cache_root": str(Path(args.features) / "fid_cache"),
                       "reference_cache_name": features["reference"], "kid_subset_size": ev.kid_subset_size,
                       "weights_path": str(Path(args.features) / "classifier.pt")
                       if features["extractor"] == "classifier" else params.features.inception_weights}
-        rows = [{"model": args.name, "method": method, "teacher": teacher, "sampler": s, "nfe": nfe,
-                 **score(x, secs, truth, classifier, fid_kwargs, truth.conditional)}
-                for (s, nfe), (x, secs) in sorted(results.items())]
+        rows = []
+        with bar(len(results), "FID features", show, unit="point") as scoring:
+            for (s, nfe), (x, secs) in sorted(results.items()):
+                scoring.set_postfix(sampler=s, nfe=nfe)
+                rows.append({"model": args.name, "method": method, "teacher": teacher, "sampler": s,
+                             "nfe": nfe, **score(x, secs, truth, classifier, fid_kwargs, truth.conditional)})
+                scoring.update()
         write_outputs(args.out, rows, results, truth, ev.grid_samples)
         for sampler in samplers:
             curve = [r for r in rows if r["sampler"] == sampler]

@@ -1,5 +1,4 @@
 """DVC stage `features`: train the FID feature classifier (Ray Train), cache test statistics."""
-import functools
 from pathlib import Path
 
 import common
@@ -13,24 +12,21 @@ def main():
                                                ("--storage", {"default": "ray_results", "type": common.path})])
     params = common.load(args, section="features")
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.classifier import ClassifierTask, accuracy, load_classifier, save_classifier
-    from pipeline.data.shards import load_split, load_tensors
+    from pipeline.classifier import accuracy, load_classifier
+    from pipeline.data.shards import load_split
     from pipeline.distributed import fit
     from pipeline.fid import cache_reference_statistics, fid_label
+    from pipeline.jobs import features_job
     from pipeline.outputs import staging_dir, write_json
 
     feats = params.features
-    train = load_split(args.data, "train")  # checks every shard's checksum: fails fast, naming it
-    task = ClassifierTask(feats.classifier, train.x0.shape[1], train.num_classes)
+    job = features_job(params, args.data)  # checks every shard: fails fast, naming it
     common.connect_ray(params)
-    with common.stage_run(params, "features", "features", model="classifier") as run:
-        state = fit(task, functools.partial(load_tensors, args.data, "train", ("x0", "label")), feats.train, params.seed,
-                    params.ray, args.storage, name=f"features-{run.run_id}", log=run.logger())
+    with common.stage_run(params, "features", "features", **job.tags) as run:
+        state = fit(job.task, job.load_data, job.train, params.seed, params.ray, args.storage,
+                    name=f"features-{run.run_id}", log=run.logger(), progress=common.progress_enabled())
         with staging_dir(Path(args.out)) as tmp:
-            model = task.build()["classifier"]
-            model.load_state_dict(state["ema"]["classifier"])
-            save_classifier(tmp / "classifier.pt", model, feats.classifier,
-                            task.in_channels, task.num_classes)
+            job.write(tmp / "classifier.pt", state)
             test = load_split(args.data, "test")
             acc = accuracy(load_classifier(tmp / "classifier.pt"), test.x0, test.label)
             weights = feats.inception_weights if feats.extractor != "classifier" else None

@@ -2,10 +2,7 @@
 project: outputs, MLflow records, a no-op second run, precise invalidation, and bad
 input rejected without touching what earlier stages produced."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -16,41 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data.shards import sha256
 
-from tests.conftest import ROOT, smoke_params
+from tests.conftest import smoke_params
+from tests.integration.conftest import sh
 
 pytestmark = pytest.mark.slow
-
-COPIED = ["pipeline", "stages", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", "pyproject.toml"]
-
-
-def sh(cmd, cwd, env, check=True):
-    out = subprocess.run(cmd, cwd=cwd, env=env, shell=True, capture_output=True, text=True)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return out
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, ray_address):
-    root = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        src, dst = ROOT / name, root / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
-    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "smoke",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    sh("git init -q && git add -A && git commit -qm smoke", root, env)
-    tick = time.perf_counter()
-    sh("dvc repro", root, env)
-    print(f"smoke dvc repro: {time.perf_counter() - tick:.1f} s")
-    return root, env
 
 
 def test_chain_writes_the_report(project):

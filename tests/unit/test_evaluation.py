@@ -1,12 +1,13 @@
 """Evaluation plumbing: NFE planning, per-sample seeds (results independent of the
-shard layout and batch size), and the report's Pareto front."""
+shard layout and batch size), jobs split per (sampler, nfe) giving the very same samples,
+and the report's Pareto front."""
 import pandas as pd
 import pytest
 import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data.shards import write_manifest, write_split
-from pipeline.evaluation import merge_shards, plan, sample_shard, shard_jobs
+from pipeline.evaluation import merge_shards, plan, sample_shard, shard_jobs, split_by_plan
 from pipeline.report import pareto_front, student_comparison
 from pipeline.settings import DiffusionTeacherParams, UNetParams
 from pipeline.teachers import DataShape, DiffusionTeacherTask, teacher_config
@@ -51,6 +52,19 @@ def test_samples_do_not_depend_on_shards_or_batch_size(tiny_setup, shards, batch
         assert one[key][0].abs().max() <= 1.0  # clipped alike for every model
     other_seed = merge_shards([sample_shard(j) for j in shard_jobs(*args, 1, jobs, 8, 0.0, 10)])
     assert not torch.allclose(one[("ddpm", 3)][0], other_seed[("ddpm", 3)][0])
+
+
+def test_jobs_split_per_plan_item_give_the_same_samples(tiny_setup):
+    jobs = [("ddpm", 3), ("heun", 3), ("euler", 2)]
+    shards = shard_jobs(tiny_setup / "m.pt", tiny_setup / "data", 10, 2, jobs, 7, 0.0, 3)
+    split = split_by_plan(shards)
+    assert [(j.plan, j.start) for j in split[:2]] == [((("ddpm", 3),), 0), ((("ddpm", 3),), 5)]
+    assert len(split) == len(jobs) * len(shards)
+    whole = merge_shards([sample_shard(j) for j in shards])
+    pieces = merge_shards([sample_shard(j) for j in split])
+    assert list(pieces) == list(whole) == jobs
+    for key in whole:
+        assert torch.equal(pieces[key][0], whole[key][0]), key  # bit for bit, not just close
 
 
 def test_pareto_front_keeps_only_undominated_points():

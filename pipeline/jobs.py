@@ -1,0 +1,106 @@
+"""The training job of each training stage, shared by its DVC stage script and by sweeps.
+
+A `TrainingJob` is what `distributed.fit` trains (task, data loader, train
+params) plus `write(path, state)`, which turns the final training state into
+the stage's checkpoint. `stages/teacher.py`, `stages/distill.py` and
+`stages/features.py` run exactly this job, and so does every sweep trial, so
+a trial trains what `dvc repro` of that stage would train.
+
+Stage names are DVC's: `features`, `teacher@<name>`, `distill@<method>`.
+"""
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data.shards import load_split, load_tensors
+from pipeline.settings import METHOD_TEACHER, TEACHER_NAMES, TrainParams
+from pipeline.training import Task
+
+
+@dataclass
+class TrainingJob:
+    stage: str
+    task: Task
+    load_data: Callable[[], dict]  # picklable; runs on each Ray worker
+    train: TrainParams
+    write: Callable[[Path, dict], None]  # (checkpoint path, final training state)
+    tags: dict  # model / method / teacher, for MLflow
+
+
+def stage_names(params):
+    """Every training stage of the pipeline these params describe."""
+    return ["features", *(f"teacher@{n}" for n in TEACHER_NAMES),
+            *(f"distill@{m}" for m in params.distill.methods)]
+
+
+def split_stage(stage):
+    """("teacher", "bridge") from "teacher@bridge"; ("features", None) from "features"."""
+    kind, _, name = stage.partition("@")
+    return kind, name or None
+
+
+def features_job(params, data_dir) -> TrainingJob:
+    from pipeline.classifier import ClassifierTask, save_classifier
+    feats = params.features
+    train = load_split(data_dir, "train")  # checks every shard's checksum, naming a bad one
+    task = ClassifierTask(feats.classifier, train.x0.shape[1], train.num_classes)
+
+    def write(path, state):
+        model = task.build()["classifier"]
+        model.load_state_dict(state["ema"]["classifier"])
+        save_classifier(path, model, feats.classifier, task.in_channels, task.num_classes)
+
+    return TrainingJob("features", task, functools.partial(load_tensors, data_dir, "train", ("x0", "label")),
+                       feats.train, write, {"model": "classifier"})
+
+
+def teacher_job(name, params, data_dir) -> TrainingJob:
+    from pipeline.teachers import TEACHERS, DataShape, teacher_config
+    teacher = getattr(params.teacher, name)
+    train = load_split(data_dir, "train")
+    shape = DataShape(channels=train.x0.shape[1], image_size=train.x0.shape[-1],
+                      conditional=train.conditional)
+    task = TEACHERS[name][1](teacher, shape)
+
+    def write(path, state):
+        save_checkpoint(path, f"teacher_{name}", teacher_config(name, teacher, shape),
+                        {"denoiser": state["ema"]["denoiser"]})
+
+    return TrainingJob(f"teacher@{name}", task, functools.partial(load_tensors, data_dir, "train", ("x0", "y")),
+                       teacher.train, write, {"model": name, "method": "teacher", "teacher": name})
+
+
+def distill_job(method_name, params, data_dir, teacher_path) -> TrainingJob:
+    """Raises CheckpointError / DataError naming the file on a wrong teacher or a bad shard."""
+    from pipeline.distill import make_method
+    from pipeline.distill.base import student_config
+    from pipeline.teachers import load_teacher
+    method_params = getattr(params.distill, method_name)
+    method = make_method(method_name, method_params,
+                         load_teacher(teacher_path, names=(METHOD_TEACHER[method_name],)))
+    # Only the fields the method trains on (IBMD: corrupted y alone).
+    load_data = functools.partial(load_tensors, data_dir, "train", method.data_keys)
+    load_data()  # checks every shard before any worker starts
+
+    def write(path, state):
+        save_checkpoint(path, f"student_{method_name}", student_config(method),
+                        {"student": state["ema"]["student"]})
+
+    return TrainingJob(f"distill@{method_name}", method, load_data, method_params.train, write,
+                       {"model": method_name, "method": method_name, "teacher": method.teacher.name})
+
+
+def training_job(stage, params, data_dir, models_dir) -> TrainingJob:
+    """The job of `stage`, reading the pipeline's data and (for a student) its teacher
+    checkpoint `<models_dir>/<teacher>.pt`."""
+    kind, name = split_stage(stage)
+    if stage not in stage_names(params):
+        raise ValueError(f"unknown training stage {stage!r}; expected one of {stage_names(params)}")
+    if kind == "features":
+        return features_job(params, data_dir)
+    if kind == "teacher":
+        return teacher_job(name, params, data_dir)
+    teacher = params.distill.methods[name]
+    return distill_job(name, params, data_dir, Path(models_dir) / f"{teacher}.pt")

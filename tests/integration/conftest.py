@@ -1,0 +1,46 @@
+"""The smoke project shared by the integration modules: one `dvc repro` of the smoke
+profile in a temporary copy of the project (a git repo with dvc.lock committed, so
+`dvc exp` has a baseline), on the session's Ray cluster through RAY_ADDRESS."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, smoke_params
+
+COPIED = ["pipeline", "stages", "sweeps", "notebooks", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", "pyproject.toml"]
+
+
+def sh(cmd, cwd, env, check=True):
+    out = subprocess.run(cmd, cwd=cwd, env=env, shell=True, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory, ray_address):
+    root = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        src, dst = ROOT / name, root / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
+    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "smoke",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sh("git init -q && git add -A && git commit -qm smoke", root, env)
+    tick = time.perf_counter()
+    sh("dvc repro", root, env)
+    print(f"smoke dvc repro: {time.perf_counter() - tick:.1f} s")
+    sh("git add dvc.lock && git commit -qm 'smoke: dvc.lock'", root, env)  # the baseline of `dvc exp`
+    return root, env

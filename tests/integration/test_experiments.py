@@ -1,0 +1,131 @@
+"""Sweeps and DVC experiments on the smoke project: the shipped tiny sweep runs under
+Ray Tune with ASHA, logs a parent run and one child per trial to MLflow, writes its
+table and best configuration, resumes instead of starting over, and its `dvc exp run`
+command reproduces the best trial in the pipeline, which `dvc exp show` and
+`dvc plots diff` then compare."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.integration.conftest import sh
+
+pytestmark = pytest.mark.slow
+
+SWEEP = "tiny_cd_lr"
+
+
+@pytest.fixture(scope="module")
+def sweep(project):
+    root, env = project
+    out = sh(f"python stages/sweep.py sweeps/{SWEEP}.yaml", root, env)
+    return root, env, out.stdout
+
+
+def ran_stages(stdout):
+    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
+
+
+def sweep_runs(root):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("distillation")
+    parent = client.search_runs([exp.experiment_id], f"tags.stage = 'sweep' and tags.sweep = '{SWEEP}'")
+    trials = client.search_runs([exp.experiment_id], f"tags.stage = 'sweep_trial' and tags.sweep = '{SWEEP}'")
+    return client, parent, trials
+
+
+def test_sweep_writes_trials_and_the_best_configuration(sweep):
+    root, _, stdout = sweep
+    spec = yaml.safe_load((root / "sweeps" / f"{SWEEP}.yaml").read_text())
+    table = pd.read_csv(root / "results" / "sweeps" / SWEEP / "trials.csv")
+    lrs = spec["space"]["distill.cd.train.lr"]["grid"]
+    assert sorted(table["distill.cd.train.lr"]) == sorted(lrs)
+    assert set(table["status"]) <= {"finished", "stopped"} and "finished" in set(table["status"])
+    assert (table["nfe"] == spec["objective"]["nfe"]).all() and table["fid"].notna().all()
+    best = json.loads((root / "results" / "sweeps" / SWEEP / "best.json").read_text())
+    finished = table[table["status"] == "finished"]
+    assert best["value"] == pytest.approx(finished["fid"].min())
+    assert best["config"] == {"distill.cd.train.steps": 20, "distill.cd.train.lr": best["config"]["distill.cd.train.lr"]}
+    assert best["command"].startswith("dvc exp run -S distill.cd.train.steps=20 -S distill.cd.train.lr=")
+    assert best["command"] in stdout
+
+
+def test_sweep_is_a_parent_run_with_one_child_per_trial(sweep):
+    root, _, _ = sweep
+    client, parents, trials = sweep_runs(root)
+    assert len(parents) == 1 and len(trials) == 2
+    parent = parents[0]
+    table = pd.read_csv(root / "results" / "sweeps" / SWEEP / "trials.csv")
+    assert set(table["mlflow_run_id"]) == {t.info.run_id for t in trials}
+    assert parent.data.metrics["best_fid"] == pytest.approx(table[table["status"] == "finished"]["fid"].min())
+    for trial in trials:
+        tags = trial.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["method"] == "cd"
+        assert tags["sweep_status"] in {"finished", "stopped"} and trial.info.status == "FINISHED"
+        assert float(trial.data.params["distill.cd.train.lr"]) in (0.0001, 0.001)
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "sweep/fid")]
+        assert steps == sorted(steps) and steps[0] == 10  # scored at every eval_every steps
+        assert (20 in steps) == (tags["sweep_status"] == "finished")
+        assert client.get_metric_history(trial.info.run_id, "train/loss")
+
+
+def test_running_a_finished_sweep_again_resumes_it(sweep):
+    root, env, _ = sweep
+    before = pd.read_csv(root / "results" / "sweeps" / SWEEP / "trials.csv")
+    sh(f"python stages/sweep.py sweeps/{SWEEP}.yaml", root, env)
+    after = pd.read_csv(root / "results" / "sweeps" / SWEEP / "trials.csv")
+    assert sorted(after["trial_id"]) == sorted(before["trial_id"])  # restored, not rerun
+    _, parents, trials = sweep_runs(root)
+    assert len(parents) == 1 and len(trials) == 2
+
+
+def test_a_bad_sweep_fails_before_starting_and_names_the_key(project, tmp_path):
+    root, env = project
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: distill@cd\nspace:\n  distill.cd.ema_mu: {grid: [0.5, 1.5]}\n")
+    out = sh(f"python stages/sweep.py {bad}", root, env, check=False)
+    assert out.returncode != 0 and "distill.cd.ema_mu=1.5" in out.stderr
+    assert "Started a local Ray" not in out.stderr and not (root / "results" / "sweeps" / "bad").exists()
+
+
+def test_best_command_reproduces_in_dvc_experiments(sweep):
+    """The printed `dvc exp run -S ...` reruns only the swept student's branch; a second
+    experiment changes another key; `dvc exp show` lists their metrics and `dvc plots diff`
+    draws both FID-vs-NFE curves."""
+    root, env, _ = sweep
+    command = json.loads((root / "results" / "sweeps" / SWEEP / "best.json").read_text())["command"]
+    first = sh(command.replace("dvc exp run", "dvc exp run --name best-lr"), root, env)
+    assert ran_stages(first.stdout) == {"distill@cd", "evaluate@cd", "report"}
+    second = sh("dvc exp run --name ema -S distill.cd.ema_mu=0.9", root, env)
+    assert ran_stages(second.stdout) == {"distill@cd", "evaluate@cd", "report"}
+    shown = json.loads(sh("dvc exp show --json", root, env).stdout)
+    experiments = _experiments(shown)
+    assert {"best-lr", "ema"} <= set(experiments)
+    for name in ("best-lr", "ema"):
+        metrics = experiments[name]["data"]["metrics"]["results/eval/cd/metrics.json"]["data"]
+        assert metrics["student"]["nfe_002"]["fid"] > 0
+    ema = experiments["ema"]["data"]["params"]["params.yaml"]["data"]["distill"]["cd"]["ema_mu"]
+    assert ema == 0.9
+    plots = json.loads(sh("dvc plots diff best-lr ema --json", root, env).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    (entry,) = plots["data"]["results/fid_vs_nfe_curves.csv"]
+    assert entry["revisions"] == ["best-lr", "ema"]
+    curves = {}
+    for point in entry["content"]["data"]["values"]:
+        curves.setdefault((point["rev"], point["curve"]), []).append(float(point["fid"]))
+    assert ("best-lr", "cd/student") in curves and ("ema", "cd/student") in curves
+    assert curves[("best-lr", "cd/student")] != curves[("ema", "cd/student")]  # two different students
+    assert curves[("best-lr", "diffusion/ddim")] == curves[("ema", "diffusion/ddim")]  # one shared teacher
+
+
+def _experiments(shown):
+    """{name: experiment} from `dvc exp show --json` (a list of baselines with experiments)."""
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                if rev.get("name"):
+                    found[rev["name"]] = rev
+    return found

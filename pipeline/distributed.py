@@ -170,7 +170,7 @@ def cluster_cpus():
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-# --- Ray Tune: sweeps (pipeline.sweep builds the trials) ------------------------------
+# --- Ray Tune: sweeps (pipeline.trial runs each trial) ---------------------------------
 
 # A trial's own process only waits on its TorchTrainer, whose workers hold the CPUs/GPUs.
 # It reserves memory, which every Ray node has, rather than a slice of a CPU: slices add

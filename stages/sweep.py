@@ -41,7 +41,8 @@ def main():
         ("--out", {"type": common.path, "help": "default: results/sweeps/<name>"}),
         ("--storage", {"default": "ray_results/sweeps", "type": common.path})])
     common.load(argparse.Namespace(params=args.params, dry_run=False))  # params.yaml itself is valid
-    from pipeline.sweep import SweepError, check_spec, load_spec, stage_section
+    from pipeline.sweep import SweepError, check_spec, load_spec
+    from pipeline.trial import stage_section
     raw = yaml.safe_load(Path(args.params).read_text())
     name = args.sweep_file.stem
     try:
@@ -66,8 +67,9 @@ def main():
 
 def run_sweep(name, spec, raw, base, section, paths, out, args):
     from pipeline import distributed
-    from pipeline.sweep import (TrialSetup, best_trial, dvc_exp_command, integer_keys, max_steps,
+    from pipeline.sweep import (best_trial, dvc_exp_command, integer_keys, max_steps,
                                 reproduced_overrides, trials_table)
+    from pipeline.trial import TrialSetup
     from pipeline.tracking import SweepRun
     state_file = args.storage / name / "pipeline_sweep.json"
     spec_hash = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
@@ -115,7 +117,7 @@ def run_sweep(name, spec, raw, base, section, paths, out, args):
 def run_trial_with(setup):
     import functools
 
-    from pipeline.sweep import run_trial
+    from pipeline.trial import run_trial
     return functools.partial(run_trial, setup)
 
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from pipeline.sweep import (Dimension, SweepError, SweepSpec, apply_overrides, best_trial, check_spec,
-                            dvc_exp_command, load_spec, max_steps, reproduced_overrides, trial_overrides,
-                            TrialSetup, trials_table)
+                            dvc_exp_command, load_spec, max_steps, reproduced_overrides, trials_table)
+from pipeline.trial import TrialSetup, trial_overrides
 from tests.conftest import ROOT
 
 IBMD_SECTIONS = ["seed", "ray", "distill.ibmd"]

@@ -215,8 +215,9 @@ def tune(trial_fn, param_space, *, metric, mode, num_samples, seed, max_steps, a
     one dict per trial: trial_id, config, error, and its last reported metrics.
 
     At most `max_concurrent` trials run at once; their TorchTrainers' workers hold the
-    CPUs/GPUs, the trial processes only memory (SWEEP_DRIVER_RESOURCES). `asha` (grace_steps, reduction_factor) stops weak trials at their
-    reports, measured in training `step`s; None runs every trial to the end.
+    CPUs/GPUs, the trial processes only memory (SWEEP_DRIVER_RESOURCES). `asha`
+    (grace_steps, reduction_factor) stops weak trials at their reports, measured in
+    training `step`s; None runs every trial to the end.
     `resume` continues the experiment `name` under `storage_path` (Tuner.restore):
     finished trials are kept, unfinished ones restart from their last checkpoint.
     """
@@ -240,8 +241,7 @@ def tune(trial_fn, param_space, *, metric, mode, num_samples, seed, max_steps, a
             tune_config=ray_tune.TuneConfig(
                 metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
                 search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)),
-            run_config=ray_tune.RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
-                                          verbose=0))
+            run_config=ray_tune.RunConfig(name=name, storage_path=str(path.parent), verbose=0))
     grid = tuner.fit()
     rows = []
     for i in range(len(grid)):

@@ -21,7 +21,6 @@ from pipeline.training import Task
 
 @dataclass
 class TrainingJob:
-    stage: str
     task: Task
     load_data: Callable[[], dict]  # picklable; runs on each Ray worker
     train: TrainParams
@@ -41,6 +40,12 @@ def split_stage(stage):
     return kind, name or None
 
 
+def params_section(stage):
+    """The params section of a training stage: features, teacher.<name>, distill.<method>."""
+    kind, name = split_stage(stage)
+    return f"{kind}.{name}" if name else kind
+
+
 def features_job(params, data_dir) -> TrainingJob:
     from pipeline.classifier import ClassifierTask, save_classifier
     feats = params.features
@@ -52,7 +57,7 @@ def features_job(params, data_dir) -> TrainingJob:
         model.load_state_dict(state["ema"]["classifier"])
         save_classifier(path, model, feats.classifier, task.in_channels, task.num_classes)
 
-    return TrainingJob("features", task, functools.partial(load_tensors, data_dir, "train", ("x0", "label")),
+    return TrainingJob(task, functools.partial(load_tensors, data_dir, "train", ("x0", "label")),
                        feats.train, write, {"model": "classifier"})
 
 
@@ -68,7 +73,7 @@ def teacher_job(name, params, data_dir) -> TrainingJob:
         save_checkpoint(path, f"teacher_{name}", teacher_config(name, teacher, shape),
                         {"denoiser": state["ema"]["denoiser"]})
 
-    return TrainingJob(f"teacher@{name}", task, functools.partial(load_tensors, data_dir, "train", ("x0", "y")),
+    return TrainingJob(task, functools.partial(load_tensors, data_dir, "train", ("x0", "y")),
                        teacher.train, write, {"model": name, "method": "teacher", "teacher": name})
 
 
@@ -88,7 +93,7 @@ def distill_job(method_name, params, data_dir, teacher_path) -> TrainingJob:
         save_checkpoint(path, f"student_{method_name}", student_config(method),
                         {"student": state["ema"]["student"]})
 
-    return TrainingJob(f"distill@{method_name}", method, load_data, method_params.train, write,
+    return TrainingJob(method, load_data, method_params.train, write,
                        {"model": method_name, "method": method_name, "teacher": method.teacher.name})
 
 

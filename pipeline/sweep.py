@@ -1,4 +1,4 @@
-"""Hyper-parameter sweeps of one training stage: the spec, its checks, the trial, the results.
+"""Hyper-parameter sweeps of one training stage: the spec, its checks, the results.
 
 A sweep file (YAML under sweeps/) names a training stage (`features`,
 `teacher@<name>`, `distill@<method>`), a search space over params keys of that
@@ -61,7 +61,7 @@ class Dimension(Params):
 class Objective(Params):
     metric: Literal["fid", "kid", "accuracy"] = "fid"
     nfe: Optional[int] = Field(None, ge=1)  # None: a student's smallest distilled NFE
-    sampler: Optional[str] = None  # teachers: one of evaluate.samplers (default: the first)
+    sampler: Optional[str] = None  # teachers (required): a sampler of the teacher's family
     n_samples: int = Field(200, ge=2)  # the first n test images
     batch_size: int = Field(100, ge=1)
 
@@ -189,12 +189,12 @@ def check_spec(spec: SweepSpec, raw, sections, source="sweep"):
     base_error = _params_error(raw, spec.fixed, f"{source}: fixed")
     if base_error:
         raise SweepError(base_error)
+    integers = integer_keys(spec, raw)
     for key, dim in spec.space.items():
-        integer = isinstance(get_key(raw, key), int) and not isinstance(get_key(raw, key), bool)
-        if dim.kind in ("uniform", "loguniform") and integer and not all(float(b).is_integer() for b in dim.candidates()):
+        if key in integers and not all(float(b).is_integer() for b in dim.candidates()):
             errors.append(f"{source}: space.{key}: an integer setting needs integer bounds, got {dim.candidates()}")
         for value in dim.candidates():
-            value = int(value) if integer and dim.kind in ("uniform", "loguniform") else value
+            value = int(value) if key in integers else value
             problem = _params_error(raw, {**spec.fixed, key: value}, f"{source}: space.{key}={value!r}")
             if problem:
                 errors.append(problem)
@@ -205,8 +205,10 @@ def check_spec(spec: SweepSpec, raw, sections, source="sweep"):
 
 def integer_keys(spec, raw):
     """Range axes over integer settings (sampled as integers)."""
+    def integer(value):
+        return isinstance(value, int) and not isinstance(value, bool)
     return {k for k, d in spec.space.items() if d.kind in ("uniform", "loguniform")
-            and isinstance(get_key(raw, k), int)}
+            and integer(get_key(raw, k))}
 
 
 def max_steps(spec, raw, stage_section):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import parse_params
+from pipeline.jobs import params_section
 from pipeline.sweep import Objective, SweepSpec, apply_overrides, integer_keys
 
 
@@ -93,16 +94,10 @@ class TrialSetup:
 
 def trial_overrides(setup: TrialSetup, config):
     """The fixed overrides, the trial's values, and the evaluation cadence as checkpoints."""
-    section = stage_section(setup.spec.stage)
+    section = params_section(setup.spec.stage)
     integers = integer_keys(setup.spec, setup.raw_params)
     values = {k: int(round(v)) if k in integers else v for k, v in config.items()}
     return {**setup.spec.fixed, **values, f"{section}.train.checkpoint_every": setup.spec.eval_every}
-
-
-def stage_section(stage):
-    """The params section of a training stage: features, teacher.<name>, distill.<method>."""
-    kind, _, name = stage.partition("@")
-    return f"{kind}.{name}" if name else kind
 
 
 def run_trial(setup: TrialSetup, config, trial_id, callbacks):

@@ -9,6 +9,7 @@ the `dvc exp run -S ...` that reproduces the best trial in the pipeline. Running
 the same command again resumes an interrupted sweep; --restart discards it.
 """
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -42,7 +43,6 @@ def main():
         ("--storage", {"default": "ray_results/sweeps", "type": common.path})])
     common.load(argparse.Namespace(params=args.params, dry_run=False))  # params.yaml itself is valid
     from pipeline.sweep import SweepError, check_spec, load_spec
-    from pipeline.trial import stage_section
     raw = yaml.safe_load(Path(args.params).read_text())
     name = args.sweep_file.stem
     try:
@@ -61,7 +61,8 @@ def main():
                               **spec.model_dump(mode="json", exclude_none=True)}, sort_keys=False))
         return
     out = args.out or common.PROJECT / "results" / "sweeps" / name
-    section = stage_section(spec.stage)
+    from pipeline.jobs import params_section  # torch: only once the sweep is known to be valid
+    section = params_section(spec.stage)
     run_sweep(name, spec, raw, base, section, paths, out, args)
 
 
@@ -69,7 +70,7 @@ def run_sweep(name, spec, raw, base, section, paths, out, args):
     from pipeline import distributed
     from pipeline.sweep import (best_trial, dvc_exp_command, integer_keys, max_steps,
                                 reproduced_overrides, trials_table)
-    from pipeline.trial import TrialSetup
+    from pipeline.trial import TrialSetup, run_trial
     from pipeline.tracking import SweepRun
     state_file = args.storage / name / "pipeline_sweep.json"
     spec_hash = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
@@ -92,7 +93,7 @@ def run_sweep(name, spec, raw, base, section, paths, out, args):
                            parent.run_id)
         steps = max_steps(spec, raw, section)
         rows = distributed.tune(
-            run_trial_with(setup), distributed.search_space(spec.space, integer_keys(spec, raw)),
+            functools.partial(run_trial, setup), distributed.search_space(spec.space, integer_keys(spec, raw)),
             metric=spec.objective.metric, mode=spec.objective.mode, num_samples=spec.num_samples,
             seed=spec.seed, max_steps=steps, asha=spec.scheduler,
             max_concurrent=spec.max_concurrent_trials or trials_that_fit(base), storage_path=args.storage,
@@ -112,13 +113,6 @@ def run_sweep(name, spec, raw, base, section, paths, out, args):
     print(table.to_string(index=False))
     print(f"\nbest {spec.objective.metric} {summary['value']:.4f} (trial {summary['trial_id']}); "
           f"reproduce it in the pipeline with:\n  {summary['command']}\nwrote {out}")
-
-
-def run_trial_with(setup):
-    import functools
-
-    from pipeline.trial import run_trial
-    return functools.partial(run_trial, setup)
 
 
 def trials_that_fit(params):

@@ -48,7 +48,7 @@ def main():
           f"{'steps':>6} {'est. train s':>12}")
     for name in args.methods:
         method_params = getattr(params.distill, name)
-        teacher_name = METHODS[name].teacher_name
+        teacher_name = METHODS[name].teacher
         teacher_params = getattr(params.teacher, teacher_name)
         teacher = build_teacher(teacher_config(teacher_name, teacher_params, shape))
         train = method_params.train

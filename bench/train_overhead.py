@@ -27,7 +27,7 @@ from pipeline.config import load_params
 from pipeline.distributed import RAY_ENV, connect, fit
 from pipeline.teachers import DataShape, DiffusionTeacherTask
 from pipeline.tracking import StageRun
-from pipeline.training import LoopHooks, run_training
+from pipeline.training import LoopHooks, TrainRun, run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def measure(mode, steps, threads):
         run = StageRun(uri, "bench", "overhead", {"group": "bench", "stage": "bench"}, {},
                        artifact_root=Path(tmp, "a").as_uri())
         scaling = params.ray.model_copy(update={"num_workers": 1, "threads_per_worker": threads})
-        fit(task, fake_mnist, train, 0, scaling, Path(tmp) / "ray", "overhead", log=run.logger())
+        fit(TrainRun(task, fake_mnist, train, 0, scaling, log=run.logger()), Path(tmp) / "ray", "overhead")
         history = sorted(MlflowClient(uri).get_metric_history(run.run_id, "train/samples_per_sec"),
                          key=lambda m: m.step)
         return statistics.median(m.value for m in history[1:]), time.perf_counter() - tick, train.batch_size

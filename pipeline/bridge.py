@@ -1,7 +1,7 @@
 """Diffusion-bridge coefficients: the Gaussian bridge pinned at x0 and y = x_T.
 
 A prior with marginal N(alpha_t x0, sigma_t^2) and SNR_t = alpha_t^2/sigma_t^2,
-pinned at both ends, is Gaussian (DDBM, Zhou et al. 2023, Thm. 1; methods.md 1b):
+pinned at both ends, is Gaussian (DDBM, Zhou et al. 2023, Thm. 1; docs/teachers.md):
 
     x_t = a_t y + b_t x0 + c_t eps,
     a_t = (alpha_t/alpha_T)(SNR_T/SNR_t),  b_t = alpha_t (1 - SNR_T/SNR_t),
@@ -48,7 +48,7 @@ from pipeline.settings import BridgeScheduleParams
 
 
 class BridgeSchedule(BridgeScheduleParams):
-    """The bridge prior (methods.md 1b): the validated settings plus their math. T = 1."""
+    """The bridge prior (docs/teachers.md): the validated settings plus their math. T = 1."""
 
     T: ClassVar[float] = 1.0
 
@@ -107,7 +107,7 @@ class BridgeSchedule(BridgeScheduleParams):
         return r * r * t64 + r * d * t64 ** 2 + d * d * t64 ** 3 / 3
 
 
-# Uniform training times t ~ U(t_min, T - t_min) (methods.md 1b: t ~ U(0, T), kept off the
+# Uniform training times t ~ U(t_min, T - t_min) (docs/teachers.md: t ~ U(0, T), kept off the
 # endpoints where c_t = 0 and the DDBM loss weight can blow up).
 def sample_training_t(n, schedule, generator=None):
     """(n,) float32 times on the generator's device (CPU when generator is None)."""

@@ -11,11 +11,13 @@ Checkpoints carry their params and shapes, so `load_classifier` needs nothing
 but the path.
 """
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import PipelineError
 from pipeline.outputs import save_atomic
 from pipeline.settings import ClassifierParams, TrainParams
 from pipeline.training import LoopHooks, Task, run_training
@@ -120,20 +122,24 @@ def save_classifier(path, model, params, in_channels, num_classes):
     save_atomic(checkpoint, path)
 
 
+class ClassifierError(PipelineError, ValueError):
+    """The classifier checkpoint is missing or is not one."""
+
+
 def _read_checkpoint(path):
+    if not Path(path).is_file():
+        raise ClassifierError(f"{path} is missing: the features stage writes it (dvc repro features)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
     except Exception as e:
-        raise ValueError(f"{path}: not a classifier checkpoint (torch.load failed: {e})") from e
+        raise ClassifierError(f"{path}: not a classifier checkpoint (torch.load failed: {e})") from e
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a classifier checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+        raise ClassifierError(f"{path}: not a classifier checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
     missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
-        raise ValueError(f"{path}: not a classifier checkpoint (missing keys: {', '.join(missing)})")
+        raise ClassifierError(f"{path}: not a classifier checkpoint (missing keys: {', '.join(missing)})")
     if checkpoint["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: format {checkpoint['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise ClassifierError(f"{path}: format {checkpoint['format']!r}, expected {CHECKPOINT_FORMAT!r}")
     return checkpoint
 
 
@@ -150,5 +156,5 @@ def load_classifier(path):
         model = Classifier(params, checkpoint["in_channels"], checkpoint["num_classes"])
         model.load_state_dict(checkpoint["state_dict"])
     except Exception as e:
-        raise ValueError(f"{path}: classifier checkpoint does not rebuild ({e})") from e
+        raise ClassifierError(f"{path}: classifier checkpoint does not rebuild ({e})") from e
     return model.eval()

@@ -28,10 +28,15 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from pipeline.classifier import load_classifier
+from pipeline.errors import PipelineError
 
 CLASSIFIER = "classifier"
 INCEPTION = "inception-v3-compat"
 _LABELS = {CLASSIFIER: "classifier FID", INCEPTION: "Inception FID"}
+
+
+class FidInputError(PipelineError, FileNotFoundError):
+    """Extractor weights or cached reference statistics are not on disk."""
 
 
 def fid_label(extractor):
@@ -135,8 +140,8 @@ def _describe(x):
     return f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
 
 
-def _resolve_weights(extractor, weights_path):
-    """The weights file to hand torch-fidelity; never None, so nothing downloads."""
+def resolve_weights(extractor, weights_path):
+    """The weights file to hand torch-fidelity (absolute); never None, so nothing downloads."""
     if extractor == CLASSIFIER:
         if weights_path is None:
             raise ValueError("extractor 'classifier' needs weights_path, the checkpoint of the features stage")
@@ -146,8 +151,8 @@ def _resolve_weights(extractor, weights_path):
     else:
         raise ValueError(f"unknown extractor {extractor!r}; expected one of {sorted(_LABELS)}")
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{extractor} weights not found: {weights_path}")
-    return weights_path
+        raise FidInputError(f"{extractor} weights not found: {weights_path}")
+    return os.path.abspath(weights_path)
 
 
 def _hub_inception_weights():
@@ -155,7 +160,7 @@ def _hub_inception_weights():
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
     if os.path.isfile(cached):
         return cached
-    raise FileNotFoundError(
+    raise FidInputError(
         f"Inception-v3 weights are neither given (weights_path) nor cached at {cached}, and this library does not "
         f"download. Fetch {URL_INCEPTION_V3} where there is internet and pass its path as weights_path, "
         "or use extractor='classifier'."
@@ -233,7 +238,7 @@ def cache_reference_statistics(
     """
     _check_images(reference, "reference")
     register_classifier_extractor()
-    weights_path = _resolve_weights(extractor, weights_path)
+    weights_path = resolve_weights(extractor, weights_path)
     cache_name = _cache_name(reference_cache_name, weights_path, reference.shape[1:])
     os.makedirs(cache_root, exist_ok=True)
     files = _cache_files(cache_root, cache_name, extractor)
@@ -264,7 +269,7 @@ def _reference_input(reference, generated, extractor, cache_root, cache_name):
         raise ValueError("give reference images, or reference_cache_name and cache_root of cached statistics")
     features_file = _cache_files(cache_root, cache_name, extractor)[0]
     if not os.path.isfile(features_file):
-        raise FileNotFoundError(
+        raise FidInputError(
             f"no cached reference statistics {features_file} (for this name, image shape "
             f"{tuple(generated.shape[1:])} and extractor weights); run cache_reference_statistics first"
         )
@@ -293,7 +298,7 @@ def fidelity_metrics(
     if reference_cache_name is not None and cache_root is None:
         raise ValueError("reference_cache_name needs cache_root")
     register_classifier_extractor()
-    weights_path = _resolve_weights(extractor, weights_path)
+    weights_path = resolve_weights(extractor, weights_path)
     cache_name = None
     if reference_cache_name is not None:
         cache_name = _cache_name(reference_cache_name, weights_path, generated.shape[1:])

@@ -1,8 +1,9 @@
 """The training job of each training stage, shared by its DVC stage script and by sweeps.
 
-A `TrainingJob` is what `distributed.fit` trains (task, data loader, train
+A `TrainingJob` is what a training stage trains (task, data loader, train
 params) plus `write(path, state)`, which turns the final training state into
-the stage's checkpoint. `stages/teacher.py`, `stages/distill.py` and
+the stage's checkpoint; `job.run(seed, scaling, ...)` is the `TrainRun` that
+`distributed.fit` runs. `stages/teacher.py`, `stages/distill.py` and
 `stages/features.py` run exactly this job, and so does every sweep trial, so
 a trial trains what `dvc repro` of that stage would train.
 
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.checkpoint import save_checkpoint
 from pipeline.data.shards import load_split, load_tensors
-from pipeline.settings import METHOD_TEACHER, TEACHER_NAMES, TrainParams
-from pipeline.training import Task
+from pipeline.settings import TEACHER_NAMES, RayParams, TrainParams
+from pipeline.training import Task, TrainRun
 
 
 @dataclass
@@ -26,6 +26,10 @@ class TrainingJob:
     train: TrainParams
     write: Callable[[Path, dict], None]  # (checkpoint path, final training state)
     tags: dict  # model / method / teacher, for MLflow
+
+    def run(self, seed, scaling: RayParams, log=None, hooks=()) -> TrainRun:
+        """This job as a `TrainRun` (`log`: rank 0's metric logger; `hooks`: report hooks)."""
+        return TrainRun(self.task, self.load_data, self.train, seed, scaling, log, tuple(hooks))
 
 
 def stage_names(params):
@@ -46,9 +50,9 @@ def params_section(stage):
     return f"{kind}.{name}" if name else kind
 
 
-def features_job(params, data_dir) -> TrainingJob:
+def features_job(feats, data_dir) -> TrainingJob:
+    """The features stage's job for its params section `feats` (FeaturesParams)."""
     from pipeline.classifier import ClassifierTask, save_classifier
-    feats = params.features
     train = load_split(data_dir, "train")  # checks every shard's checksum, naming a bad one
     task = ClassifierTask(feats.classifier, train.x0.shape[1], train.num_classes)
 
@@ -61,9 +65,10 @@ def features_job(params, data_dir) -> TrainingJob:
                        feats.train, write, {"model": "classifier"})
 
 
-def teacher_job(name, params, data_dir) -> TrainingJob:
+def teacher_job(name, teacher, data_dir) -> TrainingJob:
+    """teacher@<name>'s job for its params section `teacher`."""
+    from pipeline.checkpoint import save_checkpoint
     from pipeline.teachers import TEACHERS, DataShape, teacher_config
-    teacher = getattr(params.teacher, name)
     train = load_split(data_dir, "train")
     shape = DataShape(channels=train.x0.shape[1], image_size=train.x0.shape[-1],
                       conditional=train.conditional)
@@ -77,14 +82,15 @@ def teacher_job(name, params, data_dir) -> TrainingJob:
                        teacher.train, write, {"model": name, "method": "teacher", "teacher": name})
 
 
-def distill_job(method_name, params, data_dir, teacher_path) -> TrainingJob:
-    """Raises CheckpointError / DataError naming the file on a wrong teacher or a bad shard."""
-    from pipeline.distill import make_method
+def distill_job(method_name, method_params, data_dir, teacher_path) -> TrainingJob:
+    """distill@<method>'s job for its params block; raises CheckpointError / DataError naming
+    the file on a wrong teacher or a bad shard."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.distill import make_method, registration
     from pipeline.distill.base import student_config
     from pipeline.teachers import load_teacher
-    method_params = getattr(params.distill, method_name)
     method = make_method(method_name, method_params,
-                         load_teacher(teacher_path, names=(METHOD_TEACHER[method_name],)))
+                         load_teacher(teacher_path, names=(registration(method_name).teacher,)))
     # Only the fields the method trains on (IBMD: corrupted y alone).
     load_data = functools.partial(load_tensors, data_dir, "train", method.data_keys)
     load_data()  # checks every shard before any worker starts
@@ -97,15 +103,14 @@ def distill_job(method_name, params, data_dir, teacher_path) -> TrainingJob:
                        {"model": method_name, "method": method_name, "teacher": method.teacher.name})
 
 
-def training_job(stage, params, data_dir, models_dir) -> TrainingJob:
-    """The job of `stage`, reading the pipeline's data and (for a student) its teacher
-    checkpoint `<models_dir>/<teacher>.pt`."""
+def training_job(stage, params, data_dir, teacher_path=None) -> TrainingJob:
+    """The job of `stage` on the pipeline's data (a student also reads its teacher's
+    checkpoint `teacher_path`)."""
     kind, name = split_stage(stage)
     if stage not in stage_names(params):
         raise ValueError(f"unknown training stage {stage!r}; expected one of {stage_names(params)}")
     if kind == "features":
-        return features_job(params, data_dir)
+        return features_job(params.features, data_dir)
     if kind == "teacher":
-        return teacher_job(name, params, data_dir)
-    teacher = params.distill.methods[name]
-    return distill_job(name, params, data_dir, Path(models_dir) / f"{teacher}.pt")
+        return teacher_job(name, getattr(params.teacher, name), data_dir)
+    return distill_job(name, getattr(params.distill, name), data_dir, teacher_path)

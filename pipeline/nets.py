@@ -3,7 +3,7 @@
 Follows the layout of the DDPM/EDM UNets (residual blocks with a FiLM-style
 noise embedding, skip connections between resolutions), shrunk so it trains
 on a 2-core CPU in minutes. Preconditioning (c_skip, c_out, c_in, c_noise) is
-not done here: see `pipeline.models`.
+not done here: see `pipeline.teachers`.
 """
 import math
 

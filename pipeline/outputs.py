@@ -15,19 +15,29 @@ from pathlib import Path
 import torch
 
 
-def save_atomic(obj, path):
-    """torch.save `obj` to `path` via a temporary file in the same folder."""
+@contextmanager
+def atomic_path(path):
+    """A temporary sibling path to write; renamed onto `path` when the block succeeds,
+    removed when it fails (the suffix is kept, so writers that infer a format still can)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    """torch.save `obj` to `path` via a temporary file in the same folder. Saved through a file
+    object, so the archive inside is not named after the temporary file: the same object
+    gives the same bytes (the FID cache is keyed by the digest of the classifier's file)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def write_json(path, obj):

@@ -7,17 +7,26 @@ and each student against its teacher: FID relative to the teacher's best and
 to the teacher's best within the same NFE budget, and the measured wall-clock
 speed-up over the cheapest teacher point that is at least as good.
 """
+from pathlib import Path
+
 import matplotlib
 import pandas as pd
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.evaluation import COLUMNS  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.results import COLUMNS  # noqa: E402
+from pipeline.outputs import atomic_path  # noqa: E402
 
 
 def collect(csv_paths):
-    """One frame from the evaluation CSVs, sorted by model, sampler, NFE."""
+    """One frame from the evaluation CSVs, sorted by model, sampler, NFE; a missing one is
+    named with the stage that writes it."""
+    missing = [p for p in map(Path, csv_paths) if not p.is_file()]
+    if missing:
+        stages = " ".join(f"evaluate@{p.parent.name}" for p in missing)
+        raise PipelineError(f"{', '.join(map(str, missing))} missing: run `dvc repro {stages}`")
     frames = [pd.read_csv(p) for p in csv_paths]
     table = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
     return table.sort_values(["model", "sampler", "nfe"], ignore_index=True)
@@ -106,3 +115,20 @@ def plot_rows(table):
     rows = table.copy()
     rows.insert(0, "curve", rows["model"] + "/" + rows["sampler"])
     return rows
+
+
+def write_report(csv_paths, out, fid_name):
+    """Collect the evaluations into `out/`: fid_vs_nfe.csv, fid_vs_nfe_curves.csv (dvc plots),
+    fid_vs_nfe.png and summary.md, each written to a temporary file and renamed onto its path."""
+    table = collect(csv_paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "fid_vs_nfe.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out / "fid_vs_nfe_curves.csv") as tmp:
+        plot_rows(table).to_csv(tmp, index=False)
+    with atomic_path(out / "fid_vs_nfe.png") as tmp:
+        plot_fid_vs_nfe(table, tmp, fid_name)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(table, fid_name))
+    return table

@@ -1,10 +1,16 @@
-"""Every setting of the pipeline, typed and range-checked, in the order of params.yaml.
+"""The settings of the pipeline, typed and range-checked, in the order of params.yaml.
 
-This module imports nothing heavier than pydantic, so a wrong key, type or
-value in params.yaml is reported in a fraction of a second, before torch, Ray
-or MLflow load. The code that uses a block imports it from here; the math
-lives in the modules named in each block's docstring.
+Declarations only: fields, their types, ranges and defaults. Whatever computes from a
+value lives in the module that uses it, so that every result-changing line of code is a
+dependency DVC tracks; params.yaml spells out every field (tests/unit/test_params_file.py),
+so no default of this file decides a result of the pipeline (docs/architecture.md).
+
+The distillation methods' blocks are in the registry, `pipeline.distill`; the whole file
+(these sections, the registry's blocks, cross-section checks) is `pipeline.config`'s schema.
+This module imports nothing heavier than pydantic, so a wrong key, type or value in
+params.yaml is reported in a fraction of a second, before torch, Ray or MLflow load.
 """
+import math
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional, Union
 
@@ -14,9 +20,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 DIFFUSION_SAMPLER_NAMES = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m")
 BRIDGE_SAMPLER_NAMES = ("posterior", "posterior_ode", "euler", "heun")
 TEACHER_NAMES = ("diffusion", "bridge")
-# Distillation methods and the teacher each distils (pipeline.distill registers the code).
-METHOD_TEACHER = {"ibmd": "bridge", "mm": "diffusion", "tdd": "diffusion", "pd": "diffusion",
-                  "cd": "diffusion"}
 
 
 class Params(BaseModel):
@@ -146,14 +149,11 @@ class Blur(CorruptionParams):
     kind: Literal["blur"] = "blur"
     sigma: float = Field(1.5, gt=0.0, le=64.0)
 
-    @property
-    def radius(self):
-        return -int(-3.0 * self.sigma // 1)  # ceil without importing math's float quirks
-
     def check(self, image_shape):
         _, h, w = image_shape
-        if self.radius >= min(h, w):
-            raise ValueError(f"corruption.sigma={self.sigma} needs a kernel radius {self.radius} "
+        radius = math.ceil(3.0 * self.sigma)  # as pipeline.data.corruptions.blur_radius
+        if radius >= min(h, w):
+            raise ValueError(f"corruption.sigma={self.sigma} needs a kernel radius {radius} "
                              f"below the image size {h}x{w} (reflect padding)")
 
 
@@ -249,7 +249,7 @@ class EDMSchedule(Params):
 
 
 class BridgeScheduleParams(Params):
-    """The bridge prior (methods.md 1b), T = 1: `i2sb` symmetric beta (VE), `vp` DDBM's VP."""
+    """The bridge prior (docs/teachers.md), T = 1: `i2sb` symmetric beta (VE), `vp` DDBM's VP."""
     kind: Literal["i2sb", "vp"] = "i2sb"
     beta_min: float = Field(0.1, gt=0)  # both kinds (i2sb: rate at t=0 and t=1)
     beta_max: float = Field(0.3, gt=0)  # i2sb only: I2SB's --beta-max
@@ -279,15 +279,7 @@ class TeachersParams(Params):
     bridge: BridgeTeacherParams = BridgeTeacherParams()
 
 
-# --- distillation (pipeline.distill) -----------------------------------------
-# One block per method; each method's module docstring explains its fields and
-# why the defaults are what they are. The student starts as a copy of the teacher.
-
-def _student_train(**overrides):
-    defaults = dict(steps=400, batch_size=64, lr=1e-4, warmup_steps=0, ema_decay=0.99,
-                    log_every=25, checkpoint_every=100)
-    return TrainParams(**{**defaults, **overrides})
-
+# --- shared field types ------------------------------------------------------------
 
 def _increasing(values):
     if not values or sorted(set(values)) != list(values):
@@ -299,129 +291,10 @@ def _increasing(values):
 NfeList = Annotated[list[int], AfterValidator(_increasing)]
 
 
-class IBMDParams(Params):
-    """Inverse Bridge Matching Distillation (Gushchin et al. 2025) of the bridge teacher."""
-    nfe: int = Field(1, ge=1, le=64)  # student steps; 1 = one-step generator x0 = G(y, z)
-    aux_updates: int = Field(5, ge=1, le=100)  # L: auxiliary-bridge updates per ...
-    student_updates: int = Field(1, ge=1, le=100)  # ... K generator updates (the L:K ratio)
-    aux_term: bool = True  # ablation: False drops the -phi term (the generator collapses)
-    detach_xt: bool = False  # ablation: True stops the gradient through x_t
-    # nfe > 1: x0 from the chain stopped at a uniformly drawn grid step per sample (DDBM
-    # setups) or from the full chain (I2SB setups); (unconfirmed) whether gradients flow
-    # through the earlier steps (False: each x_{t_n} fed to the student is detached).
-    multistep_x0: Literal["stopped", "chain"] = "stopped"
-    grad_through_chain: bool = False
-    train: TrainParams = _student_train(lr=1e-4)
-
-
-class MMParams(Params):
-    """Multistep Moment Matching (Salimans et al. 2024) of the diffusion teacher."""
-    variant: Literal["alternating", "parameter"] = "alternating"
-    nfe: NfeList = [4, 8]  # student step counts k trained together; t from the union of grids
-    aux_teacher_weight: float = Field(1.0, ge=0.0)  # the ||g_theta - g_phi||^2 regulariser
-    jvp_scale: float = Field(1.0, gt=0.0)  # parameter variant: step of the teacher-space push
-    s_draw: Literal["uniform", "next"] = "uniform"  # s ~ U(VP time of grid[i+1], t) or s = grid[i+1]
-    weight: Literal["edm", "one"] = "edm"  # w(s): EDM's 1/c_out^2 or 1 (mm.py docstring)
-    step_input: bool = True  # the student also sees the noise level it steps to (one net, every k)
-    train: TrainParams = _student_train(adam_betas=(0.0, 0.99))
-
-
-class ConsistencyParams(Params):
-    """Consistency distillation (Song et al. 2023) of the diffusion teacher."""
-    grid_steps: int = Field(18, ge=2, le=2000)  # N points of the training discretisation
-    # karras: Karras et al. Eq. 5 (rho of the teacher schedule); vp: grid_steps equally spaced
-    # points of a `timesteps`-step VP timeline, the DDIM grid TDD trains on (distill.consistency)
-    grid: Literal["karras", "vp"] = "karras"
-    timesteps: int = Field(1000, ge=10, le=100_000)  # grid="vp" only
-    solver: Literal["heun", "euler", "ddim"] = "heun"  # the teacher's ODE step t_{n+1} -> t_n
-    ema_mu: float = Field(0.95, ge=0.0, lt=1.0)  # target network EMA; 0 = the online student
-    distance: Literal["l2", "pseudo_huber"] = "l2"
-    huber_c: float = Field(0.03, gt=0.0)
-    nfe: NfeList = [1, 2, 4, 8]  # multistep sampling by re-noising
-    train: TrainParams = _student_train()
-
-    @model_validator(mode="after")
-    def _grid(self):
-        if self.grid == "vp" and self.grid_steps > self.timesteps:
-            raise ValueError(f"grid_steps={self.grid_steps} exceeds timesteps={self.timesteps}")
-        return self
-
-
-class TDDParams(Params):
-    """Target-Driven Distillation (Wang et al. 2024) of the diffusion teacher."""
-    timesteps: int = Field(1000, ge=10, le=100_000)  # the teacher's discrete VP timeline
-    ddim_steps: int = Field(50, ge=2, le=1000)  # training grid: t_{n+k} -> t_n one grid step
-    target_selection: bool = True  # False: always target x0 (plain consistency distillation)
-    schedule_steps: tuple[int, int] = (4, 8)  # union of the equidistant 4..8-step schedules
-    window: int = Field(2, ge=1, le=16)  # schedule times below tau to draw the target from
-    s_ratio: float = Field(0.3, ge=0.0, lt=1.0)  # stochastic offset s = floor((1 - u s_ratio) target)
-    guidance: float = Field(0.0, ge=0.0, le=20.0)  # teacher CFG scale w during training
-    p_uncond: float = Field(0.2, ge=0.0, le=0.9)  # condition dropout during training
-    huber_c: float = Field(0.001, gt=0.0)
-    eta: float = Field(0.2, ge=0.0, lt=1.0)  # gamma-sampling at inference
-    schedule: Optional[list[int]] = None  # non-equidistant inference timesteps (descending)
-    clip_x0_steps: int = Field(0, ge=0)  # dynamic thresholding on this many first steps
-    clip_ratio: float = Field(0.995, gt=0.5, le=1.0)
-    nfe: NfeList = [4, 6, 8]
-    train: TrainParams = _student_train()
-
-    @model_validator(mode="after")
-    def _schedules(self):
-        lo, hi = self.schedule_steps
-        if not 1 <= lo <= hi:
-            raise ValueError(f"schedule_steps {self.schedule_steps} must be 1 <= low <= high")
-        if self.schedule is not None:
-            if sorted(set(self.schedule), reverse=True) != list(self.schedule) or \
-                    not all(0 <= t < self.timesteps for t in self.schedule):
-                raise ValueError(f"schedule must be strictly descending timesteps in [0, {self.timesteps})")
-            if self.nfe != [len(self.schedule)]:
-                raise ValueError(f"a schedule of {len(self.schedule)} steps needs nfe [{len(self.schedule)}]")
-        if self.ddim_steps > self.timesteps:
-            raise ValueError(f"ddim_steps={self.ddim_steps} exceeds timesteps={self.timesteps}")
-        if max(hi, max(self.nfe)) >= self.ddim_steps:
-            raise ValueError(f"schedules of up to {max(hi, max(self.nfe))} steps need ddim_steps above that")
-        return self
-
-
-class PDParams(Params):
-    """Progressive distillation (Salimans & Ho 2022) of the diffusion teacher."""
-    start_steps: int = Field(16, ge=2, le=4096)  # the teacher's DDIM steps that round 1 halves
-    rounds: int = Field(2, ge=1, le=12)  # each halves the step count; train.steps split evenly
-    train: TrainParams = _student_train()
-
-    @model_validator(mode="after")
-    def _halvable(self):
-        if self.start_steps % 2 ** self.rounds:
-            raise ValueError(f"start_steps={self.start_steps} cannot be halved {self.rounds} times")
-        if self.train.steps < self.rounds:
-            raise ValueError(f"train.steps={self.train.steps} gives no step to some of {self.rounds} rounds")
-        return self
-
-
-class DistillParams(Params):
-    # The distill@<method> stages: method -> the teacher it distils (dvc.yaml's foreach reads
-    # both, so each stage depends on exactly its own teacher's checkpoint).
-    methods: dict[str, str] = dict(METHOD_TEACHER)
-    ibmd: IBMDParams = IBMDParams()
-    mm: MMParams = MMParams()
-    tdd: TDDParams = TDDParams()
-    pd: PDParams = PDParams()
-    cd: ConsistencyParams = ConsistencyParams()
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, methods):
-        _known(list(methods), METHOD_TEACHER, "method(s)")
-        wrong = {m: t for m, t in methods.items() if METHOD_TEACHER[m] != t}
-        if wrong:
-            raise ValueError(f"wrong teacher for {wrong}: " + ", ".join(
-                f"{m} distils {METHOD_TEACHER[m]!r}" for m in wrong))
-        return methods
-
-
 # --- evaluation (pipeline.evaluation) ---------------------------------------
 
-def _known(names, known, what):
+def check_known(names, known, what):
+    """`names` if each is one of `known` and none repeats, else ValueError naming them."""
     unknown = [n for n in names if n not in known]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"unknown or repeated {what} {list(names)}; known: {sorted(known)}")
@@ -435,16 +308,16 @@ class SamplerLists(Params):
     @field_validator("diffusion")
     @classmethod
     def _diffusion(cls, names):
-        return _known(names, DIFFUSION_SAMPLER_NAMES, "sampler(s)")
+        return check_known(names, DIFFUSION_SAMPLER_NAMES, "sampler(s)")
 
     @field_validator("bridge")
     @classmethod
     def _bridge(cls, names):
-        return _known(names, BRIDGE_SAMPLER_NAMES, "sampler(s)")
+        return check_known(names, BRIDGE_SAMPLER_NAMES, "sampler(s)")
 
 
 class EvaluateParams(Params):
-    models: list[str] = [*TEACHER_NAMES, *METHOD_TEACHER]  # teachers and students
+    models: list[str] = list(TEACHER_NAMES)  # teachers and students (checked in pipeline.config)
     nfe: list[int] = [1, 2, 4, 8, 16, 32, 64]
     n_samples: int = Field(500, ge=2)  # the first n of the test split
     batch_size: int = Field(250, ge=1)  # memory only: results do not depend on it
@@ -460,52 +333,3 @@ class EvaluateParams(Params):
         if not nfe or any(n < 1 or n > 10_000 for n in nfe) or sorted(set(nfe)) != nfe:
             raise ValueError("must be a non-empty, strictly increasing list of integers in [1, 10000]")
         return nfe
-
-    @field_validator("models")
-    @classmethod
-    def _models(cls, models):
-        return _known(models, (*TEACHER_NAMES, *METHOD_TEACHER), "model(s)")
-
-
-class PipelineParams(Params):
-    """The whole of params.yaml."""
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    data: DataParams = DataParams()
-    corruption: Corruption = Field(default_factory=lambda: SuperResolution(factor=4))
-    ray: RayParams = RayParams()
-    tracking: TrackingParams = TrackingParams()
-    features: FeaturesParams = FeaturesParams()
-    teacher: TeachersParams = TeachersParams()
-    distill: DistillParams = DistillParams()
-    evaluate: EvaluateParams = EvaluateParams()
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        ev, shape = self.evaluate, self.data.source.image_shape
-        if ev.n_samples > self.data.n_test:
-            raise ValueError(f"evaluate.n_samples ({ev.n_samples}) exceeds data.n_test ({self.data.n_test})")
-        if self.corruption.uses_source_y != (self.data.source.kind == "paired"):
-            raise ValueError(f"corruption.kind={self.corruption.kind!r} does not fit data.source.kind="
-                             f"{self.data.source.kind!r}: 'paired' goes with 'paired' and only with it")
-        if not self.corruption.conditional and "bridge" in ev.models:
-            raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
-                             "remove 'bridge' from evaluate.models or choose a corruption")
-        missing = [m for m in self.distill.methods if m not in ev.models]
-        if missing:
-            raise ValueError(f"evaluate.models lacks the distilled student(s) {missing}: every "
-                             "distill.methods entry is evaluated and reported")
-        unmade = [m for m in ev.models if m in METHOD_TEACHER and m not in self.distill.methods]
-        if unmade:
-            raise ValueError(f"evaluate.models lists {unmade}, which distill.methods does not train")
-        if not self.corruption.conditional and any(METHOD_TEACHER[m] == "bridge"
-                                                   for m in self.distill.methods):
-            raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
-                             "remove 'ibmd' from distill.methods or choose a corruption")
-        self.corruption.check(shape)
-        for name in TEACHER_NAMES:
-            net = getattr(self.teacher, name).net
-            factor = net.patch * 2 ** (len(net.channels) - 1)
-            if shape[1] % factor:
-                raise ValueError(f"teacher.{name}.net: patch {net.patch} and {len(net.channels)} levels "
-                                 f"downsample by {factor}, which does not divide the image size {shape[1]}")
-        return self

@@ -9,7 +9,7 @@ trials at those points. Every value the space can produce is checked against
 the params schema before anything starts.
 
 A trial (pipeline.trial) runs the stage's own training job; the Ray side
-(Tuner, ASHA, restore) is in pipeline.distributed.
+(Tuner, ASHA, restore) is in pipeline.tuning; pipeline.sweep_driver runs a whole sweep.
 """
 import copy
 import math
@@ -21,12 +21,13 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.config import ConfigError, format_errors, parse_params
+from pipeline.errors import PipelineError
 from pipeline.settings import Params
 
 MODES = {"fid": "min", "kid": "min", "accuracy": "max"}
 
 
-class SweepError(ValueError):
+class SweepError(PipelineError, ValueError):
     """A sweep file that is missing, invalid, or does not fit the params or the stage."""
 
 

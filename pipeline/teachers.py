@@ -10,7 +10,7 @@
   al. 2023, I2SB); `style="ddbm"` concatenates it. The network's time input is
   `t` itself, in [0, T].
 
-Both are trained by the weighted x0-regression losses of methods.md Sec. 1.
+Both are trained by the weighted x0-regression losses of docs/teachers.md.
 """
 from dataclasses import dataclass
 

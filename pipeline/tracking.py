@@ -3,7 +3,7 @@
 Every run carries the tags `stage`, `model`, `method`, `teacher`, `git_commit`,
 `params_hash` and `group` (shared by the runs of one `dvc repro`), and is a
 child of that group's parent run, so the UI filters and nests them. Metrics
-are logged with `log_batch` (one database round trip per call, see stack.md).
+are logged with `log_batch` (one database round trip per call, see docs/stack.md).
 """
 import hashlib
 import json
@@ -15,10 +15,12 @@ import urllib.request
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import PipelineError
+
 GROUP_TAG = "group"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PipelineError, RuntimeError):
     """The tracking server cannot be reached or the URI is unusable."""
 
 
@@ -89,6 +91,18 @@ class _Run:
 
     def log_metrics(self, metrics, step=0):
         self.logger()(metrics, step)
+
+    def log_curves(self, model, rows, metrics):
+        """One child run per sampler (`<model>/<sampler>`) with `metrics` of every row logged at
+        step = nfe: in the UI, selecting these runs and charting `fid` over Step is FID vs NFE."""
+        for sampler in dict.fromkeys(r["sampler"] for r in rows):
+            curve = [r for r in rows if r["sampler"] == sampler]
+            child = self.child(f"{model}/{sampler}", {"sampler": sampler, "stage": "evaluate",
+                                                     "nfe": ",".join(str(r["nfe"]) for r in curve)})
+            with child:
+                now = int(time.time() * 1000)
+                child.client.log_batch(child.run_id, metrics=[
+                    Metric(m, float(r[m]), now, int(r["nfe"])) for r in curve for m in metrics])
 
     def log_artifact(self, path, artifact_path=None):
         self.client.log_artifact(self.run_id, str(path), artifact_path)

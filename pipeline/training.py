@@ -10,12 +10,12 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from pipeline.settings import TrainParams
+from pipeline.settings import RayParams, TrainParams
 
 
 class Task:
@@ -45,14 +45,21 @@ class Task:
     def train_step(self, nets, optimizers, batch, generator, params: TrainParams):
         """One optimisation step; returns scalar metrics."""
         loss = self.loss(nets, batch, generator).mean()
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers.values():
-            params_of = [p for g in opt.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params_of, params.grad_clip)
-            opt.step()
-        return {"loss": loss.item()}
+        return {"loss": optimizer_step(optimizers.values(), loss, params.grad_clip)}
+
+
+def optimizer_step(optimizers, loss, grad_clip):
+    """One update on the scalar `loss`: zero_grad, backward, clip each optimiser's gradients
+    to norm `grad_clip`, step each. The only place the loop and the methods that alternate
+    updates (IBMD, MM) take a step. Returns the loss as a float."""
+    optimizers = list(optimizers)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+        opt.step()
+    return loss.item()
 
 
 @dataclass
@@ -66,6 +73,24 @@ class LoopHooks:
     resume: dict | None = None
     log: Callable[[dict, int], None] | None = None  # rank 0 only: e.g. MLflow
     history: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One training run as `distributed.fit` runs it, in one picklable object (it travels to
+    every Ray worker): the task, its data, its settings and seed, the resources (`scaling`),
+    rank-0 logging and report hooks.
+
+    `load_data` is a zero-argument callable run on each worker (data are read there, not
+    shipped from the driver). `log(metrics, step)` runs on rank 0 only. `hooks` run in order
+    on every rank at every report, before it is sent (`distributed.ReportContext`)."""
+    task: Task
+    load_data: Callable[[], dict]
+    train: TrainParams
+    seed: int
+    scaling: RayParams
+    log: Optional[Callable[[dict, int], None]] = None
+    hooks: tuple = ()
 
 
 def sample_batch(data, batch_size, generator, device):

@@ -1,14 +1,16 @@
 """One sweep trial: the stage's own training job with the trial's params, scored as it trains.
 
-A trial runs the stage's `TrainingJob` (pipeline.jobs) under Ray Train, writes the
-stage's checkpoint format at each checkpoint to score it with the pipeline's own
-sampling and FID (pipeline.evaluation), and logs into an MLflow child run of the
-sweep's run. It runs inside a Ray Tune trial (pipeline.distributed.tune).
+A trial runs the stage's `TrainingJob` (pipeline.jobs) under Ray Train with one report
+hook, `QuickEval`: at each checkpoint, rank 0 writes the stage's checkpoint format to a
+temporary file and scores it with the pipeline's own sampling and `score_points`
+(pipeline.evaluation), so a trial's FID is the pipeline's FID on a smaller sample. The
+trial logs into an MLflow child run of the sweep's run. It runs inside a Ray Tune trial
+(pipeline.tuning.tune).
 """
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from pipeline.config import parse_params
 from pipeline.jobs import params_section
@@ -17,23 +19,26 @@ from pipeline.sweep import Objective, SweepSpec, apply_overrides, integer_keys
 
 @dataclass(frozen=True)
 class QuickEval:
-    """The objective of a trial, computed on rank 0 at each checkpoint of its training:
-    the stage's checkpoint is written to a temporary file and scored by the pipeline's own
-    evaluation code, so a trial's FID is the pipeline's FID on a smaller sample."""
+    """Report hook (distributed.ReportContext): the objective at each checkpoint, on rank 0,
+    logged as `sweep/<metric>` and added to the report that Tune (ASHA) sees."""
     stage: str
     objective: Objective
     data_dir: str
     features_dir: str
     seed: int
     write: Any  # TrainingJob.write
+    log: Optional[Callable[[dict, int], None]] = None
 
-    def __call__(self, state) -> dict:
+    def __call__(self, metrics, state, context):
+        if state is None or context.rank != 0:
+            return None
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             self.write(path, state)
-            if self.stage == "features":
-                return {"accuracy": self._accuracy(path)}
-            return self._fidelity(path)
+            scores = {"accuracy": self._accuracy(path)} if self.stage == "features" else self._fidelity(path)
+        if self.log is not None:
+            self.log({f"sweep/{k}": v for k, v in scores.items()}, metrics["step"])
+        return scores
 
     def _accuracy(self, path):
         from pipeline.classifier import accuracy, load_classifier
@@ -42,26 +47,27 @@ class QuickEval:
         return accuracy(load_classifier(path), test.x0, test.label)
 
     def _fidelity(self, path):
-        import json
-
-        from pipeline.evaluation import ShardJob, load_model, sample_shard
-        from pipeline.fid import fidelity_metrics
+        from pipeline.data.shards import load_split
+        from pipeline.evaluation import (
+            FeatureSpace,
+            ShardJob,
+            load_model,
+            sample_shard,
+            score_points,
+        )
         obj = self.objective
         sampler, nfe = sampling_point(load_model(path), obj)
         job = ShardJob(str(path), self.data_dir, 0, obj.n_samples, ((sampler, nfe),), self.seed, 0.0,
                        obj.batch_size, threads=1)
-        samples = sample_shard(job)[(sampler, nfe)][0]
-        features = Path(self.features_dir)
-        info = json.loads((features / "info.json").read_text())
-        scores = fidelity_metrics(samples, extractor=info["extractor"], cache_root=str(features / "fid_cache"),
-                                  reference_cache_name=info["reference"], kid_subset_size=min(100, obj.n_samples),
-                                  weights_path=str(features / "classifier.pt"))
-        return {obj.metric: scores[obj.metric], "nfe": nfe}
+        truth = load_split(self.data_dir, "test").head(obj.n_samples)
+        scores = score_points(sample_shard(job), truth, FeatureSpace.load(self.features_dir),
+                              kid_subset_size=min(100, obj.n_samples))
+        return {obj.metric: scores[(sampler, nfe)][obj.metric], "nfe": nfe}
 
 
 def sampling_point(model, objective: Objective):
     """(sampler, nfe) the objective evaluates `model` at; ValueError if it cannot."""
-    from pipeline.distill import Student
+    from pipeline.distill.base import Student
     from pipeline.samplers import get_sampler, steps_for_nfe
     if isinstance(model, Student):
         choices = model.method.nfe_choices()
@@ -85,7 +91,7 @@ class TrialSetup:
     spec: SweepSpec
     raw_params: dict  # the project's params.yaml
     data_dir: str
-    models_dir: str
+    teacher_path: Optional[str]  # a student's teacher checkpoint (None for other stages)
     features_dir: str
     storage: str  # Ray Train runs of the trials go below this folder
     tracking_uri: str
@@ -107,12 +113,12 @@ def run_trial(setup: TrialSetup, config, trial_id, callbacks):
     from pipeline.tracking import trial_run
     overrides = trial_overrides(setup, config)
     params = parse_params(apply_overrides(setup.raw_params, overrides), source=f"trial {trial_id}")
-    job = training_job(setup.spec.stage, params, setup.data_dir, setup.models_dir)
-    score = QuickEval(setup.spec.stage, setup.spec.objective, setup.data_dir, setup.features_dir,
-                      params.evaluate.seed, job.write)
+    job = training_job(setup.spec.stage, params, setup.data_dir, setup.teacher_path)
     tags = {**job.tags, "stage": "sweep_trial", "sweep": setup.sweep, "trial_id": trial_id,
             "sweep_stage": setup.spec.stage}
     logged = {**overrides, "objective": setup.spec.objective.model_dump()}
     with trial_run(setup.tracking_uri, setup.parent_run_id, f"{setup.sweep}/{trial_id}", tags, logged) as run:
-        fit(job.task, job.load_data, job.train, params.seed, params.ray, setup.storage,
-            name=f"trial-{trial_id}", log=run.logger(), callbacks=callbacks, score=score)
+        score = QuickEval(setup.spec.stage, setup.spec.objective, setup.data_dir, setup.features_dir,
+                          params.evaluate.seed, job.write, log=run.logger())
+        fit(job.run(params.seed, params.ray, log=run.logger(), hooks=[score]), setup.storage,
+            f"trial-{trial_id}", callbacks=callbacks)

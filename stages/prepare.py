@@ -2,9 +2,8 @@
 import common
 
 
-def main():
-    args = common.parse("prepare", __doc__, [("--out", {"required": True, "type": common.path})])
-    params = common.load(args)
+def main(args):
+    params = common.load(args, "prepare")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.data.prepare import prepare_dataset
     from pipeline.distributed import parallel_map
@@ -12,8 +11,8 @@ def main():
     def ray_map(fn, jobs):
         return parallel_map(fn, [(job,) for job in jobs])
 
-    common.connect_ray(params)
-    with common.stage_run(params, "prepare", "data") as run:
+    common.connect_ray()
+    with common.stage_run(params, args, "prepare") as run:
         manifest = prepare_dataset(params.data.source, params.corruption, params.data.n_test,
                                    params.data.shard_size, params.seed, args.out, map_fn=ray_map)
         counts = {f"{name}_count": entry["count"] for name, entry in manifest["splits"].items()}
@@ -23,4 +22,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main, common.parse("prepare", __doc__, [("--out", {"required": True, "type": common.path})]))

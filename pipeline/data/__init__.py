@@ -14,8 +14,10 @@ of them never pulls in the others.
 """
 import torch
 
+from pipeline.errors import PipelineError
 
-class DataError(Exception):
+
+class DataError(PipelineError):
     """Bad or missing data on disk; the message names the offending path."""
 
 

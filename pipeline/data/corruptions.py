@@ -11,6 +11,7 @@ denoising; `none` is unconditional generation (y = 0) and `paired` takes y
 from a paired source.
 """
 import io
+import math
 
 import numpy as np
 import torch
@@ -90,10 +91,15 @@ def sketch(params, x0, seeds):
     return (2.0 * edges - 1.0).expand(-1, c, -1, -1).contiguous()
 
 
+def blur_radius(sigma):
+    """The Gaussian kernel's radius in pixels: ceil(3 sigma) (99.7 % of its mass)."""
+    return math.ceil(3.0 * sigma)
+
+
 def blur(params, x0, seeds):
     """Separable Gaussian blur, kernel size 2*ceil(3 sigma)+1, reflect padding."""
     n, c, h, w = x0.shape
-    r = params.radius
+    r = blur_radius(params.sigma)
     t = torch.arange(-r, r + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (t / params.sigma) ** 2)
     kernel = kernel / kernel.sum()  # (2r+1,)

@@ -84,7 +84,7 @@ def write_manifest(out_dir, manifest):
 def read_manifest(data_dir):
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise DataError(f"no manifest at {path}: run the prepare stage first")
+        raise DataError(f"{path} is missing: the prepare stage writes it (dvc repro prepare)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -94,9 +94,11 @@ def read_manifest(data_dir):
 def load_shard(path, entry, image_shapes):
     """Load one shard after checking it exists, its checksum, its count and shapes."""
     if not path.is_file():
-        raise DataError(f"shard {path} listed in the manifest is missing")
+        raise DataError(f"shard {path} listed in the manifest is missing; rerun the prepare stage "
+                        "(dvc repro -f prepare)")
     if sha256(path) != entry["sha256"]:
-        raise DataError(f"shard {path} does not match its checksum (truncated or edited)")
+        raise DataError(f"shard {path} does not match its checksum (truncated or edited); rerun the "
+                        "prepare stage (dvc repro -f prepare)")
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means a bad file

@@ -1,6 +1,6 @@
 """The interface every distillation method implements, and the student it produces.
 
-A method (style.md, rule 2) is a `Method`: a frozen params model plus
+A method is a `Method`: a frozen params model (registered in `pipeline.distill`) plus
 - `build()`: init from the frozen teacher: {"student": ..., [auxiliary nets]},
   each a trainable copy of the teacher's denoiser (or a frozen target);
 - `loss(nets, batch, generator)`: the student's per-sample objective (B,);
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import load_checkpoint
+from pipeline.distill import METHODS, name_of, registration
 from pipeline.samplers.nfe import CountingDenoiser
 from pipeline.settings import Params
 from pipeline.teachers import Teacher, build_teacher
@@ -52,17 +53,17 @@ def batch_noise(shape, generator, device):
 
 
 class Method(Task):
-    """A distillation method (see the module docstring); subclasses set the class attributes."""
+    """A distillation method (see the module docstring). Its name and the teacher it distils
+    come from the registry entry of its params model (`pipeline.distill.METHODS`)."""
 
-    name: ClassVar[str]
-    params_cls: ClassVar[type]
-    teacher_name: ClassVar[str]  # "diffusion" or "bridge": the teacher it distils
     data_keys: ClassVar[tuple] = ("x0", "y")  # what training reads from the train split
     takes_guidance: ClassVar[bool] = False  # True: sample() accepts guidance != 0
 
     def __init__(self, params: Params, teacher: Teacher):
-        if teacher.name != self.teacher_name:
-            raise ValueError(f"{self.name} distils the {self.teacher_name} teacher, got {teacher.name!r}")
+        self.name = name_of(params)
+        wanted = registration(self.name).teacher
+        if teacher.name != wanted:
+            raise ValueError(f"{self.name} distils the {wanted} teacher, got {teacher.name!r}")
         self.params, self.teacher = params, teacher
 
     @property
@@ -126,12 +127,12 @@ class Student:
         return x, counted.calls
 
 
-def load_student(path, methods):
-    """Rebuild a student from its self-describing checkpoint; `methods` is the registry."""
-    payload = load_checkpoint(path, kinds={f"student_{m}" for m in methods})
+def load_student(path):
+    """Rebuild a student from its self-describing checkpoint (any registered method)."""
+    payload = load_checkpoint(path, kinds={f"student_{m}" for m in METHODS})
     config = payload["config"]
-    cls = methods[config["method"]]
-    method = cls(cls.params_cls.model_validate(config["params"]), build_teacher(config["teacher"]))
+    entry = registration(config["method"])
+    method = entry.load()(entry.params.model_validate(config["params"]), build_teacher(config["teacher"]))
     net = method.build()["student"]
     net.load_state_dict(payload["state"]["student"])
     return Student(method, net.eval().requires_grad_(False))

@@ -1,4 +1,4 @@
-"""Consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2; methods.md Sec. 5),
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Alg. 2; docs/methods/cd.md),
 in EDM sigma space, on the shared machinery of `pipeline.distill.consistency`.
 
 Loss: n ~ U{0..N-2} on a grid sigma_0 = sigma_min < ... < sigma_{N-1} = sigma_max of N =
@@ -21,18 +21,13 @@ Decisions on unconfirmed details:
 from functools import partial
 
 from pipeline.distill.base import Method, frozen_copy, trainable_copy
-from pipeline.distill.consistency import (ConsistencyFunction, consistency_loss, distance,
-                                          draw_pairs, karras_grid, multistep_sample, teacher_step,
-                                          vp_grid, vp_timeline)
+from pipeline.distill.consistency import (ConsistencyFunction, consistency_loss, distance, draw_pairs,
+                                          karras_grid, multistep_sample, teacher_step, vp_grid, vp_timeline)
 from pipeline.schedules import karras_sigmas
-from pipeline.settings import ConsistencyParams
 from pipeline.training import update_ema
 
 
 class ConsistencyDistillation(Method):
-    name = "cd"
-    params_cls = ConsistencyParams
-    teacher_name = "diffusion"
 
     def build(self):
         student = ConsistencyFunction(trainable_copy(self.teacher.denoiser),

@@ -11,7 +11,7 @@ after the change of variables):
 - `ddim_jump`: the DDIM move from sigma to s < sigma given an x0 estimate (Song et al. 2021,
   Eq. 12): x_s = x0 + (s/sigma)(x - x0); s = 0 gives x0.
 - `consistency_loss`: d(jump(f(x_hi, hi), s), sg jump(f_target(x_hat_lo, lo), s)); CD is the
-  case s = 0, TDD picks s per sample (methods.md Sec. 4-5).
+  case s = 0, TDD picks s per sample (docs/methods/cd.md, docs/methods/tdd.md).
 - `vp_timeline` / `vp_grid`: the discrete VP timeline TDD works on (also CD's grid="vp").
 """
 import math

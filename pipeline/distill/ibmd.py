@@ -1,4 +1,4 @@
-"""IBMD: Inverse Bridge Matching Distillation (Gushchin et al. 2025; methods.md Sec. 2).
+"""IBMD: Inverse Bridge Matching Distillation (Gushchin et al. 2025; docs/methods/ibmd.md).
 
 Distils a bridge teacher (`BridgeDenoiser`, I2SB or DDBM style) into a stochastic
 few-step generator, training on corrupted images y only (never x0).
@@ -24,7 +24,7 @@ Algorithm (one `train_step` = one round): L = `aux_updates` Adam steps on phi
 `student_updates` Adam steps on G with the objective above. `train.steps` counts
 rounds, so one step costs (L + K) forward/backward passes.
 
-Decisions on details methods.md marks (unconfirmed) or leaves open, each a param:
+Decisions on details the paper leaves open, each a param (docs/methods/ibmd.md):
 - `grad_through_chain` (default False): multi-step students detach each x_{t_n}
   fed to G, so a gradient reaches G only through its own last call. Cheaper, and
   each step is then trained as the one-step problem at its time; True backpropagates
@@ -46,7 +46,7 @@ import torch
 from pipeline.bridge import bridge_loss_weight, sample_training_t
 from pipeline.distill.base import Method, batch_noise, col, frozen_copy, trainable_copy, unwrap
 from pipeline.samplers.bridge import bridge_times
-from pipeline.settings import IBMDParams
+from pipeline.training import optimizer_step
 
 
 def _sq(v):  # per-sample mean squared value, (B,)
@@ -58,9 +58,6 @@ def _times(x, t):
 
 
 class IBMD(Method):
-    name = "ibmd"
-    params_cls = IBMDParams
-    teacher_name = "bridge"
     data_keys = ("y",)  # IBMD never sees clean x0
 
     def __init__(self, params, teacher):
@@ -151,7 +148,7 @@ class IBMD(Method):
         return self._phi
 
     def loss(self, nets, batch, generator):
-        """G's objective, (B,): lambda ||teacher - x0||^2 - lambda ||phi - x0||^2 (methods.md Sec. 2)."""
+        """G's objective, (B,): lambda ||teacher - x0||^2 - lambda ||phi - x0||^2 (docs/methods/ibmd.md)."""
         y = batch["y"]
         phi = self._frozen_aux(nets["aux"]) if self.params.aux_term else None
         x0 = self.generate(nets["student"], y, generator)
@@ -174,18 +171,8 @@ class IBMD(Method):
     # --- one round: L phi updates, then K G updates -----------------------------------
 
     def train_step(self, nets, optimizers, batch, generator, params):
-        aux = [_update(optimizers["aux"], self.aux_loss(nets, batch, generator).mean(), params)
-               for _ in range(self.params.aux_updates)]
-        student = [_update(optimizers["student"], self.loss(nets, batch, generator).mean(), params)
-                   for _ in range(self.params.student_updates)]
+        aux = [optimizer_step([optimizers["aux"]], self.aux_loss(nets, batch, generator).mean(),
+                              params.grad_clip) for _ in range(self.params.aux_updates)]
+        student = [optimizer_step([optimizers["student"]], self.loss(nets, batch, generator).mean(),
+                                  params.grad_clip) for _ in range(self.params.student_updates)]
         return {"loss": sum(student) / len(student), "aux_loss": sum(aux) / len(aux)}
-
-
-def _update(optimizer, loss, params):
-    """One clipped Adam step of `optimizer` on `loss`; returns the loss as a float."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-    optimizer.step()
-    return loss.item()

@@ -1,5 +1,5 @@
 """Multistep distillation via Moment Matching (Salimans et al. 2024, "Multistep Distillation
-of Diffusion Models via Moment Matching"; methods.md Sec. 3), in EDM sigma space.
+of Diffusion Models via Moment Matching"; docs/methods/mm.md), in EDM sigma space.
 
 Student sampler (k steps, k in `params.nfe`), on the teacher's DDPM grid `vp_sigmas(k)`:
 x = sigma_max eps; per step x_tilde = g(x, t, y), then x ~ q(x_s | x_t, x0 = x_tilde), the
@@ -50,7 +50,7 @@ from torch.func import functional_call, jvp
 
 from pipeline.distill.base import Method, batch_noise, col, trainable_copy
 from pipeline.schedules import edm_loss_weight, edm_precond, vp_sigma, vp_sigma_inv, vp_sigmas
-from pipeline.settings import MMParams
+from pipeline.training import optimizer_step
 
 
 class StepAwareDenoiser(nn.Module):
@@ -103,9 +103,6 @@ class _StepBlind(nn.Module):
 
 
 class MomentMatching(Method):
-    name = "mm"
-    params_cls = MMParams
-    teacher_name = "diffusion"
 
     @property
     def alternating(self):
@@ -202,9 +199,10 @@ class MomentMatching(Method):
         phi = nets["aux"](z_s, s, y)
         aux = self.aux_loss(x_tilde, phi, teacher, s).mean()
         student = self.student_objective(x_tilde, s, phi - teacher).mean()
-        _step(optimizers["aux"], aux, params.grad_clip)
-        _step(optimizers["student"], student, params.grad_clip)
-        return {"loss": student.item(), "aux_loss": aux.item()}
+        # aux's loss sees x_tilde detached and the student's sees (phi - teacher) detached,
+        # so each backward reaches only its own network.
+        return {"aux_loss": optimizer_step([optimizers["aux"]], aux, params.grad_clip),
+                "loss": optimizer_step([optimizers["student"]], student, params.grad_clip)}
 
     def parameter_loss(self, nets, batch, generator):
         """Parameter-space MM (Sec. 3.2): per-sample (B,) objective on the second half of the
@@ -232,10 +230,3 @@ class MomentMatching(Method):
         return {k: torch.zeros_like(v) if g is None else g
                 for (k, v), g in zip(leaves.items(), grads)}
 
-
-def _step(optimizer, loss, grad_clip):
-    """zero_grad, backward, clip, step for one network's optimiser."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=[p for g in optimizer.param_groups for p in g["params"]])
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    optimizer.step()

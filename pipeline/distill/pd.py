@@ -1,5 +1,5 @@
 """Progressive distillation (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling
-of Diffusion Models", Alg. 2; methods.md Sec. 5), in EDM sigma space (alpha = 1).
+of Diffusion Models", Alg. 2; docs/methods/pd.md), in EDM sigma space (alpha = 1).
 
 Round r (0-based) distils a target DDIM sampler of N_r = start_steps / 2^r steps into a student
 of N_r / 2 steps. For a student step t -> t'' the target takes two DDIM steps t -> t' -> t''
@@ -26,7 +26,6 @@ import torch
 
 from pipeline.distill.base import Method, batch_noise, col, frozen_copy, trainable_copy, unwrap
 from pipeline.schedules import vp_sigmas
-from pipeline.settings import PDParams
 
 
 # DDIM, eta = 0 (Song et al. 2021, Eq. 12) in sigma space.
@@ -49,9 +48,6 @@ def truncated_snr_weight(t):
 
 
 class ProgressiveDistillation(Method):
-    name = "pd"
-    params_cls = PDParams
-    teacher_name = "diffusion"
 
     def build(self):
         target = frozen_copy(self.teacher.denoiser)   # round 0: the teacher itself

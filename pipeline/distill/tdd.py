@@ -1,5 +1,5 @@
 """Target-Driven Distillation (Wang et al. 2024, "TDD: Target-Driven Distillation";
-methods.md Sec. 4): consistency distillation with target timestep selection, decoupled
+docs/methods/tdd.md): consistency distillation with target timestep selection, decoupled
 guidance and gamma-sampling, on the shared machinery of `pipeline.distill.consistency`.
 
 Timeline and grid: a discrete VP timeline of T = `timesteps` indices, index i at
@@ -37,10 +37,8 @@ from functools import partial
 import torch
 
 from pipeline.distill.base import Method, col, trainable_copy
-from pipeline.distill.consistency import (ConsistencyFunction, consistency_loss, ddim_jump,
-                                          distance, draw_pairs, full, guided_x0, teacher_step,
-                                          vp_grid, vp_timeline)
-from pipeline.settings import TDDParams
+from pipeline.distill.consistency import (ConsistencyFunction, consistency_loss, ddim_jump, distance,
+                                          draw_pairs, full, guided_x0, teacher_step, vp_grid, vp_timeline)
 
 
 def equidistant_schedule(grid, steps):
@@ -55,7 +53,7 @@ def target_candidates(grid, low, high):
     return torch.cat([grid.new_zeros(1), *times]).unique(sorted=True)
 
 
-# TDD target timestep selection (Wang et al. 2024, Sec. 3.1; methods.md 4.1).
+# TDD target timestep selection (Wang et al. 2024, Sec. 3.1; docs/methods/tdd.md).
 def select_targets(t_n, candidates, window, s_ratio, generator):
     """(B,) int64 target indices s <= t_n for the (B,) int64 lower pair indices t_n."""
     top = torch.searchsorted(candidates, t_n, right=True) - 1  # tau = candidates[top] <= t_n
@@ -74,9 +72,6 @@ def dynamic_threshold(x0, ratio):
 
 
 class TargetDrivenDistillation(Method):
-    name = "tdd"
-    params_cls = TDDParams
-    teacher_name = "diffusion"
     takes_guidance = True
 
     def __init__(self, params, teacher):

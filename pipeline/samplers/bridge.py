@@ -1,4 +1,4 @@
-"""Samplers for the bridge teacher (methods.md 1b), from x_T = y at t = T to x0.
+"""Samplers for the bridge teacher (docs/teachers.md), from x_T = y at t = T to x0.
 
 Shared signature: `run(denoise, y, noise, steps, schedule, guidance=0.0) -> x0`
 - `denoise(x_t, t, y) -> x0_hat`, t a (B,) tensor in (0, T]; y is always passed
@@ -26,9 +26,16 @@ to t = 0 where c = 0, returns x0_hat.
 NFE of N steps: posterior, posterior_ode, euler: N; heun: 2N - 1.
 
 `posterior_ode` injects no noise anywhere, so its output is a deterministic
-function of y (on a Gaussian toy, exactly E[x0 | y]); use `euler`/`heun` for a
-deterministic sampler that still draws from p(x0 | y) (its noise enters once,
-at the first step).
+function of y; `euler`/`heun` are deterministic after their first step, whose
+noise makes them draw a distribution given y.
+
+Which law they converge to depends on the teacher, not the sampler. With the
+exact denoiser of a DDBM-style (conditional) teacher, E[x0 | x_t, y], the
+stochastic and ODE samplers draw from p(x0 | y) and `posterior_ode` returns
+E[x0 | y] on a Gaussian toy. An I2SB-style teacher sees only x_t: its exact
+denoiser E[x0 | x_t] defines the Markovian projection of the bridge, whose
+samplers converge to another law (docs/teachers.md has the Gaussian-toy
+figures); only at 1 NFE (t = T, x_T = y) is its output E[x0 | y].
 """
 import torch
 

@@ -1,4 +1,4 @@
-"""Training-free samplers for the EDM-space diffusion teacher (methods.md 1a).
+"""Training-free samplers for the EDM-space diffusion teacher (docs/teachers.md).
 
 Shared signature: `run(denoise, y, noise, steps, schedule, guidance=0.0) -> x`
 - `denoise(x, sigma, y) -> x0_hat`, sigma a (B,) tensor, y the condition (None = null).

@@ -1,6 +1,7 @@
-"""The contract every distillation method in the registry keeps (style.md): picked up
-automatically for a new method. Teachers are tiny real networks with random weights:
-the contract is about plumbing (shapes, gradients, NFE), not quality."""
+"""The contract every distillation method in the registry keeps: picked up automatically
+for a new method. Teachers are tiny real networks with random weights: the contract is
+about plumbing (shapes, gradients, NFE), not quality. A throw-away method
+(tests/helpers.py), registered with one registry line, is held to the same contract."""
 import pytest
 import torch
 
@@ -12,12 +13,13 @@ from pipeline.samplers.nfe import CountingDenoiser
 from pipeline.settings import BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams
 from pipeline.teachers import DataShape, build_teacher, teacher_config
 from pipeline.training import run_training
+from tests.helpers import THROWAWAY
 
 SHAPE = DataShape(channels=1, image_size=8, conditional=True)
 NET = UNetParams(patch=2, channels=(16, 16), emb_dim=32)
 TRAIN = TrainParams(steps=2, batch_size=6, lr=1e-3, warmup_steps=0, log_every=1, checkpoint_every=2)
-# Every registered method, plus the DDBM-style (conditional) bridge for IBMD.
-CASES = [(name, "i2sb") for name in METHODS] + [("ibmd", "ddbm")]
+# Every registered method, the DDBM-style (conditional) bridge for IBMD, and the throw-away.
+CASES = [(name, "i2sb") for name in METHODS] + [("ibmd", "ddbm"), ("throwaway", "i2sb")]
 
 
 def tiny_teacher(name, style):
@@ -32,9 +34,9 @@ def tiny_teacher(name, style):
 
 
 def method_for(name, style, **train):
-    cls = METHODS[name]
-    params = cls.params_cls().model_copy(update={"train": TRAIN.model_copy(update=train)})
-    return make_method(name, params, tiny_teacher(cls.teacher_name, style))
+    entry = METHODS[name]
+    params = entry.params().model_copy(update={"train": TRAIN.model_copy(update=train)})
+    return make_method(name, params, tiny_teacher(entry.teacher, style))
 
 
 def batch(method, n=6):
@@ -44,8 +46,11 @@ def batch(method, n=6):
 
 
 @pytest.fixture(params=CASES, ids=[f"{n}-{s}" if n == "ibmd" else n for n, s in CASES])
-def method(request):
-    return method_for(*request.param)
+def method(request, monkeypatch):
+    name, style = request.param
+    if name == "throwaway":  # one registry line, as a new method would add it
+        monkeypatch.setitem(METHODS, "throwaway", THROWAWAY)
+    return method_for(name, style)
 
 
 def test_loss_is_finite_and_per_sample(method):
@@ -116,6 +121,6 @@ def test_student_checkpoint_is_self_describing(method, tmp_path):
 
 def test_a_method_refuses_the_wrong_teacher():
     wrong = {"bridge": "diffusion", "diffusion": "bridge"}
-    for name, cls in METHODS.items():
-        with pytest.raises(ValueError, match=cls.teacher_name):
-            make_method(name, cls.params_cls(), tiny_teacher(wrong[cls.teacher_name], "i2sb"))
+    for name, entry in METHODS.items():
+        with pytest.raises(ValueError, match=entry.teacher):
+            make_method(name, entry.params(), tiny_teacher(wrong[entry.teacher], "i2sb"))

@@ -6,11 +6,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.distributed import fit
+from pipeline.faults import CrashOnce
 from pipeline.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
 from pipeline.teachers import DataShape, DiffusionTeacherTask
 from pipeline.tracking import StageRun
-
-from tests.unit.test_teachers import toy_data
+from pipeline.training import TrainRun
+from tests.helpers import square_images as toy_data
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +31,9 @@ def test_torch_trainer_lowers_the_loss(ray_address, tmp_path, workers):
     run, client = start_run(tmp_path)
     train = TrainParams(steps=90, batch_size=32, lr=3e-3, warmup_steps=10, log_every=30,
                         checkpoint_every=90)
-    state = fit(TASK, functools.partial(toy_data), train, 0,
-                RayParams(num_workers=workers, threads_per_worker=1), tmp_path / "ray", f"w{workers}",
-                log=run.logger())
+    scaling = RayParams(num_workers=workers, threads_per_worker=1)
+    state = fit(TrainRun(TASK, functools.partial(toy_data), train, 0, scaling, log=run.logger()),
+                tmp_path / "ray", f"w{workers}")
     assert state["step"] == 90
     losses = [m.value for m in sorted(client.get_metric_history(run.run_id, "train/loss"),
                                       key=lambda m: m.step)]
@@ -43,9 +44,9 @@ def test_torch_trainer_lowers_the_loss(ray_address, tmp_path, workers):
 def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_address, tmp_path):
     run, client = start_run(tmp_path)
     train = TrainParams(steps=60, batch_size=16, lr=3e-3, log_every=10, checkpoint_every=20)
-    state = fit(TASK, functools.partial(toy_data, 64), train, 0,
-                RayParams(num_workers=1, threads_per_worker=1, max_failures=1), tmp_path / "ray",
-                "resume", log=run.logger(), crash_at_step=30)
+    scaling = RayParams(num_workers=1, threads_per_worker=1, max_failures=1)
+    state = fit(TrainRun(TASK, functools.partial(toy_data, 64), train, 0, scaling, log=run.logger(),
+                         hooks=(CrashOnce(step=30),)), tmp_path / "ray", "resume")
     assert state["step"] == 60
     resumed = client.get_metric_history(run.run_id, "train/resumed_from_step")
     assert [m.value for m in resumed] == [20.0]  # the last checkpoint before the crash at 30

@@ -8,8 +8,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_params, parse_params
-from pipeline.settings import BRIDGE_SAMPLER_NAMES, DIFFUSION_SAMPLER_NAMES, METHOD_TEACHER, TEACHER_NAMES
-
+from pipeline.settings import BRIDGE_SAMPLER_NAMES, DIFFUSION_SAMPLER_NAMES, TEACHER_NAMES
 from tests.conftest import ROOT, smoke_params
 
 
@@ -32,9 +31,14 @@ def test_names_in_settings_match_the_registries():
     assert set(BRIDGE_SAMPLER_NAMES) == set(BRIDGE_SAMPLERS)
     assert set(TEACHER_NAMES) == set(TEACHERS)
     from pipeline.distill import METHODS
-    assert METHOD_TEACHER == {name: m.teacher_name for name, m in METHODS.items()}
+    # The schema's distill blocks are the registry's params models, and each implementation
+    # lives at pipeline/distill/<name>.py (the code dependency dvc.yaml lists for its stage).
     settings_blocks = {name: type(getattr(load_params(ROOT / "params.yaml").distill, name)) for name in METHODS}
-    assert settings_blocks == {name: m.params_cls for name, m in METHODS.items()}
+    assert settings_blocks == {name: m.params for name, m in METHODS.items()}
+    for name, entry in METHODS.items():
+        assert entry.teacher in TEACHER_NAMES
+        assert entry.implementation.startswith(f"pipeline.distill.{name}:")
+        assert (ROOT / "pipeline" / "distill" / f"{name}.py").is_file()
 
 
 @pytest.mark.parametrize("path, value, message", [

@@ -7,8 +7,8 @@ FiLM-MLP correction whose last layer is zero: the teacher is exact, a student ca
 """
 import pytest
 import torch
-from torch import nn
 
+from pipeline.distill import ConsistencyParams, TDDParams
 from pipeline.distill.base import Student
 from pipeline.distill.cd import ConsistencyDistillation
 from pipeline.distill.consistency import boundary_scalings, raw_output
@@ -16,18 +16,17 @@ from pipeline.distill.tdd import TargetDrivenDistillation, dynamic_threshold, eq
 from pipeline.noise import SeededNoise
 from pipeline.samplers.nfe import CountingDenoiser
 from pipeline.schedules import edm_precond
-from pipeline.settings import (ConsistencyParams, DiffusionTeacherParams, EDMSchedule, TDDParams,
-                               TrainParams, UNetParams)
-from pipeline.teachers import DataShape, EDMDenoiser, Teacher
+from pipeline.settings import DiffusionTeacherParams, TrainParams, UNetParams
+from pipeline.teachers import DataShape, EDMDenoiser
 from pipeline.training import run_training
-
-MU, S, A, VY = 0.3, 0.5, 0.8, 0.25
-SCHEDULE = EDMSchedule()
-SHAPE = (1, 2, 2)
-
-
-def col(v):
-    return v.reshape(-1, 1, 1, 1)
+from tests.helpers import COND_A as A
+from tests.helpers import COND_MU as MU
+from tests.helpers import COND_S as S
+from tests.helpers import COND_SCHEDULE as SCHEDULE
+from tests.helpers import COND_SHAPE as SHAPE
+from tests.helpers import col, unconditional_data
+from tests.helpers import conditional_data as toy_data
+from tests.helpers import conditional_teacher as toy_teacher
 
 
 @pytest.fixture(autouse=True)
@@ -38,66 +37,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class GaussianNet(nn.Module):
-    """Raw F(inp, c_noise) of the toy: exact part + zero-initialised FiLM-MLP correction."""
-
-    def __init__(self, channels, conditional, hidden=32):
-        super().__init__()
-        self.channels, self.conditional = channels, conditional
-        in_channels = 2 * channels + 1 if conditional else channels
-        self.first = nn.Conv2d(in_channels, hidden, 1)
-        self.film = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.last = nn.Conv2d(hidden, channels, 1)
-        nn.init.zeros_(self.last.weight)
-        nn.init.zeros_(self.last.bias)
-
-    def exact(self, inp, c_noise):
-        sigma = (4 * c_noise).exp()
-        c_skip, c_out, c_in, _ = edm_precond(sigma, SCHEDULE.sigma_data)
-        x, sig2 = inp[:, :self.channels] / col(c_in), col(sigma ** 2)
-        mean, var = torch.full_like(x, MU), torch.full_like(x, S ** 2)
-        if self.conditional:  # [y * keep, keep]: the null condition widens the Gaussian
-            y, flag = inp[:, self.channels:2 * self.channels], inp[:, -1:]
-            mean, var = MU + A * y, S ** 2 + A ** 2 * VY * (1 - flag)
-        x0 = (var * x + sig2 * mean) / (var + sig2)
-        return (x0 - col(c_skip) * x) / col(c_out)
-
-    def forward(self, inp, c_noise):
-        scale, shift = self.film(c_noise[:, None]).chunk(2, dim=1)  # (B, hidden) each
-        h = nn.functional.silu(self.first(inp) * (1 + scale[..., None, None]) + shift[..., None, None])
-        return self.exact(inp, c_noise) + self.last(h)
-
-
-class ToyDenoiser(EDMDenoiser):
-    """An EDMDenoiser (same attributes, forward and condition) around `GaussianNet`."""
-
-    def __init__(self, shape: DataShape):
-        nn.Module.__init__(self)
-        self.schedule, self.sigma_data = SCHEDULE, SCHEDULE.sigma_data
-        self.conditional = shape.conditional
-        self.net = GaussianNet(shape.channels, shape.conditional)
-
-
-def toy_teacher(conditional):
-    torch.manual_seed(0)  # the correction network's init: results must not depend on test order
-    shape = DataShape(channels=SHAPE[0], image_size=SHAPE[1], conditional=conditional)
-    denoiser = ToyDenoiser(shape).eval().requires_grad_(False)
-    return Teacher(name="diffusion", family="diffusion", params=DiffusionTeacherParams(),
-                   shape=shape, denoiser=denoiser)
-
-
-def toy_data(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = VY ** 0.5 * torch.randn((n, *SHAPE), generator=g)
-    x0 = MU + A * y + S * torch.randn((n, *SHAPE), generator=g)
-    return {"x0": x0, "y": y}
-
-
-def unconditional_data(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"x0": MU + S * torch.randn((n, *SHAPE), generator=g), "y": torch.zeros(n, *SHAPE)}
 
 
 def perturb(net, seed=1, scale=0.3):

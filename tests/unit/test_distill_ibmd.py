@@ -18,21 +18,18 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from pipeline.bridge import BridgeSchedule
-from pipeline.distill import METHODS
+from pipeline.distill import METHODS, IBMDParams
 from pipeline.distill.ibmd import IBMD
 from pipeline.noise import SeededNoise
 from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.settings import BridgeScheduleParams, BridgeTeacherParams, IBMDParams, TrainParams
-from pipeline.teachers import DataShape, Teacher
+from pipeline.settings import TrainParams
 from pipeline.training import LoopHooks, run_training
-
-M, V, NOISE = 0.2, 0.25, 0.25
-R, POST_VAR = V / (V + NOISE), V * NOISE / (V + NOISE)
-SHAPE = DataShape(channels=1, image_size=2, conditional=True)
-SCHEDULES = {"i2sb": BridgeScheduleParams(kind="i2sb"), "ddbm": BridgeScheduleParams(kind="vp")}
+from tests.helpers import BRIDGE_M as M
+from tests.helpers import BRIDGE_POST_VAR as POST_VAR
+from tests.helpers import BRIDGE_R as R
+from tests.helpers import bridge_teacher as toy_teacher
+from tests.helpers import bridge_y as toy_y
 
 
 @pytest.fixture(autouse=True)
@@ -43,56 +40,6 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _col(v):
-    return v.reshape(-1, 1, 1, 1)
-
-
-class GaussianBridgeDenoiser(nn.Module):
-    """Exact bridge posterior mean for a jointly Gaussian (x0, y) per pixel (module docstring)."""
-
-    def __init__(self, schedule, style):
-        super().__init__()
-        self.schedule = BridgeSchedule.of(schedule)
-        self.sees_y = style == "ddbm"
-        self.m_x, self.m_y = nn.Parameter(torch.tensor(M)), nn.Parameter(torch.tensor(M))
-        self.log_vx = nn.Parameter(torch.tensor(math.log(V)))
-        self.log_vy = nn.Parameter(torch.tensor(math.log(V + NOISE)))
-        self.rho = nn.Parameter(torch.tensor(math.atanh(V / math.sqrt(V * (V + NOISE)))))
-        self.z_weight = None  # (C, k) after widen_input(k)
-
-    def forward(self, x_t, t, y, extra=None):
-        a, b, c = (_col(v) for v in self.schedule.marginal(t))
-        vx, vy = self.log_vx.exp(), self.log_vy.exp()
-        cov = torch.tanh(self.rho) * (vx * vy).sqrt()
-        if self.sees_y:  # E[x0 | x_t, y]
-            mu, vp = self.m_x + cov / vy * (y - self.m_y), vx - cov ** 2 / vy
-            gain = vp * b / (b ** 2 * vp + c ** 2).clamp_min(1e-12)  # 0 at t = T (b = c = 0)
-            out = mu + gain * (x_t - a * y - b * mu)
-        else:  # E[x0 | x_t]
-            var_xt = a ** 2 * vy + b ** 2 * vx + 2 * a * b * cov + c ** 2
-            out = self.m_x + (a * cov + b * vx) / var_xt * (x_t - a * self.m_y - b * self.m_x)
-        if extra is not None:
-            out = out + torch.einsum("ck,bkhw->bchw", self.z_weight, extra)
-        return out
-
-    def widen_input(self, channels):
-        self.z_weight = nn.Parameter(torch.zeros(SHAPE.channels, channels))
-        return self
-
-
-def toy_teacher(style):
-    params = BridgeTeacherParams(style=style, schedule=SCHEDULES[style], sigma_data=math.sqrt(V),
-                                 sigma_y=math.sqrt(V + NOISE), cov_xy=V)
-    denoiser = GaussianBridgeDenoiser(params.schedule, style).eval().requires_grad_(False)
-    return Teacher(name="bridge", family="bridge", params=params, shape=SHAPE, denoiser=denoiser)
-
-
-def toy_y(n=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x0 = M + math.sqrt(V) * torch.randn(n, 1, 2, 2, generator=g)
-    return x0 + math.sqrt(NOISE) * torch.randn(x0.shape, generator=g)
 
 
 def ibmd(style="ddbm", **overrides):
@@ -120,7 +67,7 @@ def z_moments(method, student, y, draws=4000):
 
 
 def test_registered_and_trains_on_y_only():
-    assert METHODS["ibmd"] is IBMD and IBMD.data_keys == ("y",)
+    assert METHODS["ibmd"].load() is IBMD and IBMD.data_keys == ("y",)
     method = ibmd()
     method.to("cpu")
     nets = method.build()

@@ -7,55 +7,19 @@ this exact teacher are biased (their variance collapses), while the data moments
 import copy
 
 import torch
-from torch import nn
 
+from pipeline.distill import MMParams, PDParams
 from pipeline.distill.base import Student
 from pipeline.distill.mm import MomentMatching
 from pipeline.distill.pd import ProgressiveDistillation
 from pipeline.noise import SeededNoise
 from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.schedules import edm_precond
-from pipeline.settings import DiffusionTeacherParams, MMParams, PDParams, TrainParams
-from pipeline.teachers import DataShape, Teacher
+from pipeline.settings import TrainParams
 from pipeline.training import LoopHooks, run_training
-
-MEAN, VAR = 0.3, 0.25
-SHAPE = DataShape(channels=1, image_size=2, conditional=False)
-
-
-def _col(v):
-    return v.reshape(-1, 1, 1, 1)
-
-
-class GaussianDenoiser(nn.Module):
-    """EDMDenoiser's signature: exact E[x0 | x] + c_out (a c_in x + b + c y), where (a, b, c)
-    per channel come from an MLP of c_noise whose last layer starts at zero."""
-
-    def __init__(self, schedule, channels=1, hidden=16):
-        super().__init__()
-        self.schedule, self.sigma_data = schedule, schedule.sigma_data
-        self.head = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, 3 * channels))
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
-
-    def forward(self, x, sigma, y=None, keep=None):
-        exact = MEAN + _col(VAR / (VAR + sigma ** 2)) * (x - MEAN)
-        _, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        a, b, c = (v[..., None, None] for v in self.head(c_noise[:, None]).chunk(3, 1))
-        y = torch.zeros_like(x) if y is None else y
-        return exact + _col(c_out) * (a * _col(c_in) * x + b + c * y)
-
-
-def toy_teacher():
-    torch.manual_seed(0)  # the correction MLP's first layer: results must not depend on test order
-    params = DiffusionTeacherParams()
-    denoiser = GaussianDenoiser(params.schedule).eval().requires_grad_(False)
-    return Teacher(name="diffusion", family="diffusion", params=params, shape=SHAPE, denoiser=denoiser)
-
-
-def toy_data(n=4096, seed=0):
-    x0 = MEAN + VAR ** 0.5 * torch.randn((n, 1, 2, 2), generator=torch.Generator().manual_seed(seed))
-    return {"x0": x0, "y": torch.zeros_like(x0)}
+from tests.helpers import GAUSS_MEAN as MEAN
+from tests.helpers import GAUSS_VAR as VAR
+from tests.helpers import gaussian_data as toy_data
+from tests.helpers import gaussian_teacher as toy_teacher
 
 
 def train_params(steps, lr, **kw):

@@ -27,3 +27,53 @@ def test_every_params_key_is_a_dependency_of_some_stage():
                  and not any(k == t or k.startswith(t + ".") for t in tracked)]
     assert not untracked, f"no stage reruns when these change: {untracked}"
     assert "distill.ibmd" in tracked and "evaluate.nfe" in tracked  # the resolved foreach stages
+
+
+# Library modules that change no output, so no stage lists them as a dependency
+# (docs/architecture.md, "Dependency policy"); distributed.py is plumbing for the stages that
+# only fan tasks out (their results do not depend on the worker count).
+PLUMBING = {"pipeline/config.py", "pipeline/settings.py", "pipeline/errors.py", "pipeline/tracking.py",
+            "pipeline/progress.py", "pipeline/__init__.py", "pipeline/data/__init__.py"}
+FAN_OUT_ONLY = {"prepare", "evaluate", "report"}
+
+
+def imported_modules(path, skip, top_level_only=False, seen=None):
+    """The pipeline modules loaded when `path` runs: its own imports (a stage script imports
+    inside main()), then, transitively, the module-level imports of each library module.
+    Modules in `skip` are neither counted nor followed. Paths relative to the project."""
+    import ast
+    seen = set() if seen is None else seen
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    for node in nodes:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                 if isinstance(node, ast.ImportFrom) and node.module else [])
+        for name in names:
+            if not name.startswith("pipeline"):
+                continue
+            parts = name.split(".")
+            for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+                rel = str(candidate.relative_to(ROOT))
+                if candidate.is_file() and rel not in seen and rel not in skip:
+                    seen.add(rel)
+                    imported_modules(candidate, skip, True, seen)
+    return seen
+
+
+def test_every_library_module_a_stage_imports_is_a_dependency():
+    stages = Repo(str(ROOT)).index.stages
+    missing = {}
+    for stage in stages:
+        kind = stage.addressing.split("@")[0]
+        deps = [d.def_path for d in stage.deps]
+        script = ROOT / "stages" / f"{kind}.py"
+        skip = PLUMBING | ({"pipeline/distributed.py"} if kind in FAN_OUT_ONLY else set())
+        used = imported_modules(script, skip)
+        if kind == "distill":  # a student's stage imports only its own method's module
+            used = {m for m in used if not m.startswith("pipeline/distill/") or m in (
+                f"pipeline/distill/{stage.addressing.split('@')[1]}.py", "pipeline/distill/__init__.py")}
+        uncovered = sorted(m for m in used if not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps))
+        if uncovered:
+            missing[stage.addressing] = uncovered
+    assert not missing, f"stages import library modules their dvc.yaml entry does not list: {missing}"

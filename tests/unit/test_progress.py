@@ -10,9 +10,9 @@ import torch
 from pipeline import progress
 from pipeline.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
 from pipeline.teachers import DataShape, DiffusionTeacherTask
-
+from pipeline.training import TrainRun
 from tests.conftest import ROOT
-from tests.unit.test_teachers import toy_data
+from tests.helpers import square_images as toy_data
 
 
 def stage_common():
@@ -79,8 +79,8 @@ def test_fit_shows_rank_0_reports_in_the_driver_and_trains_the_same(ray_address,
     monkeypatch.setattr(progress, "bar", recorded_bar)
     monkeypatch.setattr(progress, "show_training", recorded_show)
     train = TrainParams(steps=12, batch_size=16, lr=3e-3, log_every=4, checkpoint_every=12)
-    run = functools.partial(fit, TASK, functools.partial(toy_data, 64), train, 0,
-                            RayParams(num_workers=2, threads_per_worker=1), tmp_path / "ray")
+    job = TrainRun(TASK, functools.partial(toy_data, 64), train, 0, RayParams(num_workers=2, threads_per_worker=1))
+    run = functools.partial(fit, job, tmp_path / "ray")
     shown = run("shown", progress=True)
     assert len(bars) == 1 and bars[0].n == train.steps
     assert steps == [4, 8, 12]  # each report once: rank 0's, not rank 1's

@@ -4,11 +4,12 @@ import torch
 
 from pipeline.bridge import BridgeSchedule
 from pipeline.noise import SeededNoise
-from pipeline.samplers import (BRIDGE_SAMPLERS, DIFFUSION_SAMPLERS, SAMPLERS, Sampler, sample,
-                               steps_for_nfe)
+from pipeline.samplers import BRIDGE_SAMPLERS, DIFFUSION_SAMPLERS, SAMPLERS, Sampler, sample, steps_for_nfe
 from pipeline.samplers.diffusion import guided
 from pipeline.samplers.nfe import CountingDenoiser
 from pipeline.schedules import EDMSchedule
+from tests.helpers import exact_bridge_denoiser as bridge_denoiser
+from tests.helpers import exact_gaussian_denoiser as gaussian_denoiser
 
 F64 = torch.float64
 SHAPE = (1, 2, 2)
@@ -18,27 +19,6 @@ ODE_DIFFUSION = ["ddim", "euler", "heun", "dpmpp_2m"]
 
 def noise(seeds, dtype=torch.float32):
     return SeededNoise(seeds, SHAPE, dtype=dtype)
-
-
-# Exact denoiser for x0 ~ N(mu, s^2) per pixel in sigma space: E[x0|x] = (s^2 x + sigma^2 mu)/(s^2 + sigma^2).
-# The condition y (B, *SHAPE) shifts the mean to mu + y; y = None is the unconditional mean mu.
-def gaussian_denoiser(mu, s):
-    def denoise(x, sigma, y):
-        m = mu if y is None else mu + y
-        sig2 = sigma.view(-1, 1, 1, 1) ** 2
-        return (s ** 2 * x + sig2 * m) / (s ** 2 + sig2)
-    return denoise
-
-
-# Bridge toy: x0 | y ~ N(m(y), v) per pixel, x_t = a y + b x0 + c eps, so x_t | y is Gaussian and
-# E[x0 | x_t, y] = m + b v/(b^2 v + c^2) (x_t - a y - b m)  (the gain is 0 at t = T where b = c = 0).
-def bridge_denoiser(schedule, m_of_y, v):
-    def denoise(x, t, y):
-        a, b, c = (k.view(-1, 1, 1, 1) for k in schedule.marginal(t))
-        m = m_of_y(y)
-        gain = b * v / (b * b * v + c * c).clamp_min(torch.finfo(x.dtype).tiny)
-        return m + gain * (x - a * y - b * m)
-    return denoise
 
 
 M_OF_Y = lambda y: 0.6 * y + 0.1

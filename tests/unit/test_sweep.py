@@ -96,7 +96,7 @@ def test_trials_counts_grid_combinations():
 def test_trial_overrides_round_integers_and_checkpoint_at_each_evaluation(raw, tmp_path):
     s = spec(space={"distill.ibmd.train.steps": {"uniform": [100, 300]}}, eval_every=25,
              fixed={"distill.ibmd.aux_updates": 2})
-    setup = TrialSetup("s", s, raw, "", "", "", "", "", "")
+    setup = TrialSetup("s", s, raw, "", None, "", "", "", "")
     out = trial_overrides(setup, {"distill.ibmd.train.steps": 150.6})
     assert out == {"distill.ibmd.aux_updates": 2, "distill.ibmd.train.steps": 151,
                    "distill.ibmd.train.checkpoint_every": 25}
@@ -132,7 +132,7 @@ def test_trials_table_ranks_finished_trials_first_and_picks_the_best():
 def test_search_space_maps_each_kind():
     from ray import tune
 
-    from pipeline.distributed import search_space
+    from pipeline.tuning import search_space
     s = spec(space={"distill.ibmd.aux_updates": {"grid": [2, 5]}, "distill.ibmd.nfe": {"choice": [1, 2]},
                     "distill.ibmd.train.steps": {"loguniform": [10, 1000]},
                     "distill.ibmd.train.lr": {"loguniform": [1e-4, 1e-2]}})

@@ -4,24 +4,13 @@ import pytest
 import torch
 
 from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.settings import (BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams)
-from pipeline.teachers import (BridgeDenoiser, DataShape, EDMDenoiser, TEACHERS, load_teacher,
-                               teacher_config)
+from pipeline.settings import BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams
+from pipeline.teachers import TEACHERS, BridgeDenoiser, DataShape, EDMDenoiser, load_teacher, teacher_config
 from pipeline.training import LoopHooks, run_training
+from tests.helpers import square_images as toy_data
 
 SHAPE = DataShape(channels=1, image_size=8, conditional=True)
 TINY = UNetParams(channels=(8, 16), emb_dim=16)
-
-
-def toy_data(n=256, seed=0):
-    """8x8 images: a bright square at a random corner; y = the 2x-pooled image."""
-    g = torch.Generator().manual_seed(seed)
-    x0 = -torch.ones(n, 1, 8, 8)
-    corner = torch.randint(0, 2, (n, 2), generator=g) * 4
-    for i, (r, c) in enumerate(corner.tolist()):
-        x0[i, :, r:r + 4, c:c + 4] = 1.0
-    y = torch.nn.functional.avg_pool2d(x0, 2).repeat_interleave(2, -1).repeat_interleave(2, -2)
-    return {"x0": x0, "y": y}
 
 
 def test_edm_denoiser_at_tiny_sigma_returns_its_input():

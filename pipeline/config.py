@@ -55,6 +55,8 @@ class PipelineBase(Params):
         check_known(ev.models, (*TEACHER_NAMES, *distill.METHODS), "evaluate.models")
         if ev.n_samples > self.data.n_test:
             raise ValueError(f"evaluate.n_samples ({ev.n_samples}) exceeds data.n_test ({self.data.n_test})")
+        if ev.groups > ev.n_samples:
+            raise ValueError(f"evaluate.groups ({ev.groups}) exceeds evaluate.n_samples ({ev.n_samples})")
         if self.corruption.uses_source_y != (self.data.source.kind == "paired"):
             raise ValueError(f"corruption.kind={self.corruption.kind!r} does not fit data.source.kind="
                              f"{self.data.source.kind!r}: 'paired' goes with 'paired' and only with it")

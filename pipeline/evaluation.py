@@ -1,38 +1,29 @@
-"""Evaluation: sample the test split with every sampler at every NFE, then score it.
+"""Evaluation: sample the test split with every sampler at every NFE, once per sampling
+seed, then score it (docs/evaluation.md).
 
-Protocol (docs/evaluation.md): sample i of the test split always gets the same
-seed, whatever sampler, NFE, batch or worker, so curves are compared on
-common random numbers and do not move with the worker count. Outputs are
-clipped to [-1, 1] for every model alike. FID/KID come from torch-fidelity
-with the registered feature extractor against the cached statistics of the
-clean test split; PSNR/SSIM and classifier accuracy compare each sample with
-its own ground truth. `seconds` is the wall time of sampling alone, on one
-worker, so `sec_per_sample` compares models fairly.
-
-`score_points` is the one place samples become metrics: the evaluate stage and a
-sweep trial's quick evaluation both call it.
+Sample i of the test split under sampling seed s always gets the same noise, whatever
+sampler, NFE, batch or worker, so every point is computed on common random numbers (the
+same inputs and seeds for every model) and nothing moves with the worker count. Outputs are
+clipped to [-1, 1] for every model alike. `pipeline.scoring` turns samples into metrics with
+intervals. `seconds` is the wall time of sampling alone, on one worker and one thread after
+a warm-up batch, so `sec_per_sample` compares models fairly.
 """
-import csv
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.classifier import accuracy
 from pipeline.data.shards import load_split
 from pipeline.distill import METHODS
 from pipeline.distill.base import Student, load_student
-from pipeline.fid import fidelity_metrics
-from pipeline.metrics import psnr, ssim
 from pipeline.noise import SeededNoise, sample_seeds
-from pipeline.outputs import staging_dir, write_json
 from pipeline.progress import bar
-from pipeline.results import COLUMNS, METRICS, FeatureSpace
+from pipeline.results import point_key
 from pipeline.samplers import get_sampler, steps_for_nfe
 from pipeline.teachers import TEACHERS, load_teacher
 
+WARMUP = 2  # samples sampled, untimed, before each timed (sampler, nfe) of a job
 
 
 def model_kind(name):
@@ -85,7 +76,8 @@ def plan(family, samplers, nfes, guidance=0.0):
 
 @dataclass(frozen=True)
 class ShardJob:
-    """One worker's share: test samples [start, stop) under every (sampler, nfe) of `plan`."""
+    """One worker's share: test samples [start, stop) under every (sampler, nfe) of `plan`,
+    with sampling seed `seed`."""
     model_path: str
     data_dir: str
     start: int
@@ -95,15 +87,19 @@ class ShardJob:
     guidance: float
     batch_size: int
     threads: int = 1
+    grid: str = "fair"  # the teachers' step grid (schedules.step_sigmas)
 
 
 def sample_shard(job: ShardJob):
-    """{(sampler, nfe): (samples (n, C, H, W) clipped, seconds)} for one shard."""
+    """{(sampler, nfe, seed): (samples (n, C, H, W) clipped, seconds)} for one shard."""
     torch.set_num_threads(job.threads)
     model = load_model(job.model_path)
     y_all = load_split(job.data_dir, "test").y[job.start:job.stop]
     out = {}
     for name, nfe in job.plan:
+        warm = y_all[:WARMUP]  # first calls pay one-off costs (allocations, kernels): untimed
+        with torch.no_grad():
+            model.sample(name, warm, SeededNoise([0] * len(warm), warm.shape[1:]), nfe, job.guidance, job.grid)
         chunks, seconds = [], 0.0
         for lo in range(0, len(y_all), job.batch_size):
             y = y_all[lo:lo + job.batch_size]
@@ -111,18 +107,20 @@ def sample_shard(job: ShardJob):
             noise = SeededNoise(sample_seeds(job.seed, range(first, first + len(y))), y.shape[1:])
             tick = time.perf_counter()
             with torch.no_grad():
-                x, used = model.sample(name, y, noise, nfe, job.guidance)
+                x, used = model.sample(name, y, noise, nfe, job.guidance, job.grid)
             seconds += time.perf_counter() - tick
             assert used == nfe, f"{name}: planned {nfe} NFE, the sampler spent {used}"
             chunks.append(x.clamp(-1, 1))
-        out[(name, nfe)] = (torch.cat(chunks), seconds)
+        out[(name, nfe, job.seed)] = (torch.cat(chunks), seconds)
     return out
 
 
-def shard_jobs(model_path, data_dir, n_samples, n_shards, plan_, seed, guidance, batch_size, threads=1):
+def shard_jobs(model_path, data_dir, n_samples, n_shards, plan_, seeds, guidance, batch_size, threads=1,
+               grid="fair"):
+    """One job per (shard, seed): `n_shards` contiguous shards of the first n_samples inputs."""
     bounds = [round(i * n_samples / n_shards) for i in range(n_shards + 1)]
-    return [ShardJob(str(model_path), str(data_dir), lo, hi, tuple(plan_), seed, guidance,
-                     batch_size, threads) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    return [ShardJob(str(model_path), str(data_dir), lo, hi, tuple(plan_), seed, guidance, batch_size,
+                     threads, grid) for seed in seeds for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
 def split_by_plan(shards):
@@ -132,8 +130,8 @@ def split_by_plan(shards):
 
 
 def merge_shards(results):
-    """{(sampler, nfe): (samples, seconds)} from shard outputs, whole or split by plan item,
-    given in sample order for each item: samples are concatenated, seconds add up."""
+    """{(sampler, nfe, seed): (samples, seconds)} from shard outputs, whole or split by plan
+    item, given in sample order for each key: samples are concatenated, seconds add up."""
     parts = {}
     for result in results:
         for key, value in result.items():
@@ -141,84 +139,59 @@ def merge_shards(results):
     return {key: (torch.cat([x for x, _ in p]), sum(secs for _, secs in p)) for key, p in parts.items()}
 
 
-def score_points(results, truth, features: FeatureSpace, kid_subset_size, show=False):
-    """{(sampler, nfe): metrics} for `results` {(sampler, nfe): (samples, seconds)}: FID/KID
-    against the reference statistics, and for a conditional task PSNR/SSIM and classifier
-    accuracy against `truth` (the evaluated inputs' Split), seconds per sample.
-    Samples and truth are (n, C, H, W) in [-1, 1]; an "FID features" bar when `show`."""
-    classifier, nan = features.classifier(), float("nan")
-    fid_kwargs = features.fid_kwargs(kid_subset_size)
-    scores = {}
-    with bar(len(results), "FID features", show, unit="point") as scoring:
-        for (sampler, nfe), (x, seconds) in sorted(results.items()):
-            scoring.set_postfix(sampler=sampler, nfe=nfe)
-            fidelity = fidelity_metrics(x, **fid_kwargs)
-            scores[(sampler, nfe)] = {
-                "fid": fidelity["fid"], "kid": fidelity["kid"],
-                "psnr": psnr(x, truth.x0).mean().item() if truth.conditional else nan,
-                "ssim": ssim(x, truth.x0).mean().item() if truth.conditional else nan,
-                "accuracy": accuracy(classifier, x, truth.label) if truth.conditional else nan,
-                "sec_per_sample": seconds / len(x),
-            }
-            scoring.update()
-    return scores
+def by_point(results, seeds):
+    """{(sampler, nfe): ([samples per seed, in `seeds` order], seconds per sample)}."""
+    points = sorted({(s, n) for s, n, _ in results})
+    out = {}
+    for s, n in points:
+        runs = [results[(s, n, seed)] for seed in seeds]
+        out[(s, n)] = ([x for x, _ in runs], sum(t for _, t in runs) / sum(len(x) for x, _ in runs))
+    return out
 
 
-def sample_points(shards, map_fn, show=False):
+def sample_points(shards, map_fn, seeds, show=False):
     """Every shard x (sampler, nfe) as its own job through `map_fn(fn, jobs, on_done)` (e.g.
-    `distributed.parallel_map`), merged; a "sampling" bar advancing as jobs finish."""
+    `distributed.parallel_map`), merged `by_point`; a "sampling" bar advancing as jobs finish."""
     jobs = split_by_plan(shards)
     with bar(len(jobs), "sampling", show, unit="job") as sampling:
         def done(i):
             (sampler, nfe), = jobs[i].plan
             sampling.set_postfix(sampler=sampler, nfe=nfe, refresh=False)
             sampling.update()
-        return merge_shards(map_fn(sample_shard, [(j,) for j in jobs], on_done=done))
+        return by_point(merge_shards(map_fn(sample_shard, [(j,) for j in jobs], on_done=done)), seeds)
 
 
-def write_evaluation(out, rows, results, truth, grid_n):
-    """`out/`: metrics.json ({sampler: {nfe_NNN: metrics}}), metrics.csv (one row per point),
-    grids/nfe_NNN.png (rows: y, the truth x0, then one per sampler; grids/rows.json names
-    them); built in a staging folder and swapped in whole."""
-    with staging_dir(Path(out)) as tmp:
-        nested = {}
-        for r in rows:
-            nested.setdefault(r["sampler"], {})[f"nfe_{r['nfe']:03d}"] = {m: r[m] for m in METRICS}
-        write_json(tmp / "metrics.json", nested)
-        with open(tmp / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        (tmp / "grids").mkdir()
-        index = {}
-        for nfe in sorted({n for _, n in results}):
-            keys = [k for k in sorted(results) if k[1] == nfe]
-            name = f"nfe_{nfe:03d}.png"
-            index[name] = ["y (input)", "x0 (truth)", *[sampler for sampler, _ in keys]]
-            sample_grid(tmp / "grids" / name,
-                        [truth.y[:grid_n], truth.x0[:grid_n], *[results[k][0][:grid_n] for k in keys]])
-        write_json(tmp / "grids" / "rows.json", index)  # which row of each grid is what
+def score_all(points, truth, scorer, show=False):
+    """(rows without the model columns, replicates) for {(sampler, nfe): (samples, sec)}."""
+    from pipeline.scoring import row_metrics
+    rows, replicates = [], {}
+    with bar(len(points), "FID features", show, unit="point") as scoring:
+        for (sampler, nfe), (samples, sec) in sorted(points.items()):
+            scoring.set_postfix(sampler=sampler, nfe=nfe)
+            scored = scorer.score(samples, truth)
+            rows.append({"sampler": sampler, "nfe": nfe, **row_metrics(scored), "sec_per_sample": sec})
+            replicates[point_key(sampler, nfe)] = {m: list(p.replicates) for m, p in scored.items()}
+            scoring.update()
+    return rows, replicates
 
 
-def evaluate_model(name, model_path, data_dir, features: FeatureSpace, ev, n_shards, map_fn, show=False):
-    """(rows, results, truth) of `evaluate@<name>`: every (sampler, nfe) of the model's plan
-    sampled over `n_shards` jobs through `map_fn`, scored; one row per point (COLUMNS)."""
+def evaluate_model(name, model_path, data_dir, scorer, ev, n_shards, map_fn, show=False):
+    """(rows, replicates, grids) of `evaluate@<name>`: every (sampler, nfe) of the model's plan
+    sampled with every seed of `ev.seeds` over `n_shards` jobs per seed through `map_fn`,
+    scored (COLUMNS rows); grids of the first seed's samples, one file per NFE."""
     model = load_model(model_path, name)
     method, teacher = describe(model)
     points, guidance = model_plan(model, ev)
-    shards = shard_jobs(model_path, data_dir, ev.n_samples, n_shards, points, ev.seed, guidance,
-                        ev.batch_size)
-    results = sample_points(shards, map_fn, show)
+    shards = shard_jobs(model_path, data_dir, ev.n_samples, n_shards, points, ev.seeds, guidance,
+                        ev.batch_size, grid=ev.grid)
+    sampled = sample_points(shards, map_fn, ev.seeds, show)
     truth = load_split(data_dir, "test").head(ev.n_samples)
-    scores = score_points(results, truth, features, ev.kid_subset_size, show)
-    rows = [{"model": name, "method": method, "teacher": teacher, "sampler": s, "nfe": n, **m}
-            for (s, n), m in scores.items()]
-    return rows, results, truth
-
-
-def sample_grid(path, rows):
-    """Save a PNG with one row per tensor (n, C, H, W) in [-1, 1] (e.g. y, x0, then samplers)."""
-    from torchvision.utils import save_image
-    n = min(len(r) for r in rows)
-    images = torch.cat([r[:n] for r in rows])
-    save_image((images + 1) / 2, str(path), nrow=n, padding=1, pad_value=1.0)
+    rows, replicates = score_all(sampled, truth, scorer, show)
+    rows = [{"model": name, "method": method, "teacher": teacher, **r} for r in rows]
+    grids = {}
+    for nfe in sorted({n for _, n in sampled}):
+        keys = [k for k in sorted(sampled) if k[1] == nfe]
+        n = ev.grid_samples
+        grids[f"nfe_{nfe:03d}.png"] = (["y (input)", "x0 (truth)", *[s for s, _ in keys]],
+                                       [truth.y[:n], truth.x0[:n], *[sampled[k][0][0][:n] for k in keys]])
+    return rows, replicates, grids

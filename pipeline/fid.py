@@ -307,3 +307,31 @@ def fidelity_metrics(
     subset = min(kid_subset_size, len(generated), n_ref)
     gen_input = _UInt8Images(generated, _channels(extractor))
     return _calculate(gen_input, ref_input, extractor, weights_path, subset, kid_subsets, batch_size, device, **cache)
+
+
+def extract_features(images, *, extractor=CLASSIFIER, weights_path=None, batch_size=256, device=None):
+    """(N, d) float64 numpy features of float images (N, C, H, W) in [-1, 1], quantised to uint8
+    exactly as `fidelity_metrics` feeds them, through torch-fidelity's extractor `extractor`
+    at the layer it uses for FID."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    _check_images(images, "images")
+    register_classifier_extractor()
+    weights_path = resolve_weights(extractor, weights_path)
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    cuda = _use_cuda(device)
+    net = create_feature_extractor(extractor, [layer], cuda=cuda, feature_extractor_weights_path=weights_path,
+                                   verbose=False)
+    feats = get_featuresdict_from_dataset(_UInt8Images(images, _channels(extractor)), net, batch_size, cuda,
+                                          save_cpu_ram=True, verbose=False)
+    return feats[layer].double().numpy()
+
+
+def cached_reference_features(*, cache_root, reference_cache_name, image_shape, extractor=CLASSIFIER,
+                              weights_path=None):
+    """(M, d) float64 numpy features of the reference set cached by `cache_reference_statistics`."""
+    register_classifier_extractor()
+    weights_path = resolve_weights(extractor, weights_path)
+    path = _cache_files(cache_root, _cache_name(reference_cache_name, weights_path, image_shape), extractor)[0]
+    if not os.path.isfile(path):
+        raise FidInputError(f"no cached reference features {path}; rerun the features stage (dvc repro -f features)")
+    return torch.load(path, map_location="cpu", weights_only=True).double().numpy()

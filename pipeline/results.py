@@ -1,12 +1,27 @@
-"""Formats shared between stages: the metrics every evaluation writes and the report reads,
-and what the features stage writes for evaluation to read (`FeatureSpace`). Torch-free."""
+"""Formats shared between stages: what the features stage writes for evaluation to read
+(`FeatureSpace`), and what every evaluation writes for the report to read (metrics.csv,
+metrics.json, replicates.json, sample grids). Torch-free except for writing grids.
+
+An evaluation folder (`results/eval/<model>/`, and `results/eval/floor/` for the oracle and
+input rows) holds:
+- metrics.csv: one row per point (COLUMNS): every scored metric with its 95 % interval
+  (`fid`, `fid_lo`, `fid_hi`, ...) and the measured seconds per sample;
+- metrics.json: the same as {sampler: {nfe_NNN: {...}}} (for `dvc metrics` / `dvc exp show`);
+- replicates.json: per point and metric, the leave-a-group-out replicates of the estimate
+  (pipeline.uncertainty), with the inputs, groups and seeds they were computed on, so the
+  report compares points pairwise;
+- grids/nfe_NNN.png, grids/rows.json: samples of the first sampling seed.
+"""
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import staging_dir, write_json
 
-METRICS = ("fid", "kid", "psnr", "ssim", "accuracy", "sec_per_sample")
+SCORED = ("fid", "kid", "psnr", "ssim", "accuracy")  # each with _lo and _hi
+METRICS = tuple(f"{m}{suffix}" for m in SCORED for suffix in ("", "_lo", "_hi")) + ("sec_per_sample",)
 COLUMNS = ("model", "method", "teacher", "sampler", "nfe") + METRICS
 
 
@@ -40,10 +55,41 @@ class FeatureSpace:
             raise FeaturesError(f"{info} is unreadable ({type(err).__name__}: {err}); rerun the features "
                                 "stage (dvc repro -f features)") from None
 
-    def classifier(self):
-        from pipeline.classifier import load_classifier  # torch: only where samples are scored
-        return load_classifier(self.root / "classifier.pt")
 
-    def fid_kwargs(self, kid_subset_size):
-        return {"extractor": self.extractor, "weights_path": self.weights, "kid_subset_size": kid_subset_size,
-                "cache_root": str(self.root / "fid_cache"), "reference_cache_name": self.reference}
+def point_key(sampler, nfe):
+    return f"{sampler}@{nfe}"
+
+
+def write_evaluation(out, rows, replicates, grids, protocol):
+    """Write an evaluation folder (module docstring), built in a staging folder and swapped in
+    whole. `replicates`: {point_key: {metric: [G floats]}}; `grids`: {file name: (row names,
+    [tensors (n, C, H, W) in [-1, 1]])}; `protocol`: {n, groups, seeds, ...}."""
+    with staging_dir(Path(out)) as tmp:
+        nested = {}
+        for r in rows:
+            nested.setdefault(r["sampler"], {})[f"nfe_{r['nfe']:03d}"] = {m: r[m] for m in METRICS}
+        write_json(tmp / "metrics.json", nested)
+        with open(tmp / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        write_json(tmp / "replicates.json", {**protocol, "points": replicates})
+        if grids:
+            from torchvision.utils import save_image
+            import torch
+            (tmp / "grids").mkdir()
+            for name, (_, images) in grids.items():
+                n = min(len(r) for r in images)
+                save_image((torch.cat([r[:n] for r in images]) + 1) / 2, str(tmp / "grids" / name), nrow=n,
+                           padding=1, pad_value=1.0)
+            write_json(tmp / "grids" / "rows.json", {name: rows_ for name, (rows_, _) in grids.items()})
+
+
+def read_replicates(folder):
+    """(protocol, {point_key: {metric: tuple}}) of an evaluation folder; PipelineError if absent."""
+    path = Path(folder) / "replicates.json"
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: run `dvc repro` for the stage that writes {Path(folder).name}")
+    data = json.loads(path.read_text())
+    points = data.pop("points")
+    return data, {k: {m: tuple(v) for m, v in metrics.items()} for k, metrics in points.items()}

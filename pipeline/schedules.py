@@ -83,6 +83,32 @@ def vp_sigmas(steps, sigma_min, sigma_max):
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+# Which levels a one-call-per-step sampler evaluates (docs/teachers.md, "Step grids").
+GRIDS = ("fair", "edm")
+
+
+def step_sigmas(spacing, steps, schedule, grid="fair"):
+    """(steps+1,) float64 levels, descending, ending at 0, for `steps` steps of one network call
+    each (the call at level i moves the sample from level i to level i+1).
+
+    spacing: "karras" (EDM Eq. 5, rho of the schedule) or "vp" (uniform in VP time).
+    grid "edm": the `steps`-point grid from sigma_max down to sigma_min, then 0 (EDM and
+    k-diffusion): the last call is at sigma_min, where the denoiser is nearly the identity, so
+    it does almost no work. grid "fair": the (steps+1)-point grid with its last point,
+    sigma_min, replaced by 0: every call is at a level where it does work. One step is
+    [sigma_max, 0] on both."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    points = steps if grid == "edm" else steps + 1
+    if spacing == "karras":
+        levels = karras_sigmas(points, schedule.sigma_min, schedule.sigma_max, schedule.rho)
+    else:
+        levels = vp_sigmas(points, schedule.sigma_min, schedule.sigma_max)
+    if grid == "fair":
+        levels = torch.cat([levels[:steps], levels.new_zeros(1)])
+    return levels
+
+
 def _check_steps(steps):
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")

@@ -170,7 +170,8 @@ Corruption = Annotated[
 
 class DataParams(Params):
     source: Source = Field(default_factory=Mnist5kSource)
-    n_test: int = Field(1000, ge=1)  # held-out test split: FID reference and evaluation inputs
+    n_test: int = Field(500, ge=1)  # held-out test split: the evaluated inputs (docs/evaluation.md)
+    n_reference: int = Field(1000, ge=2)  # held-out reference split: the FID/KID reference images
     shard_size: int = Field(1000, ge=1, le=10_000_000)
 
 
@@ -287,8 +288,8 @@ def _increasing(values):
     return values
 
 
-# The NFEs a student is distilled for and samples with.
-NfeList = Annotated[list[int], AfterValidator(_increasing)]
+IncreasingList = Annotated[list[Annotated[int, Field(ge=0)]], AfterValidator(_increasing)]
+NfeList = IncreasingList  # the NFEs a student is distilled for and samples with
 
 
 # --- evaluation (pipeline.evaluation) ---------------------------------------
@@ -321,11 +322,15 @@ class EvaluateParams(Params):
     nfe: list[int] = [1, 2, 4, 8, 16, 32, 64]
     n_samples: int = Field(500, ge=2)  # the first n of the test split
     batch_size: int = Field(250, ge=1)  # memory only: results do not depend on it
-    seed: int = Field(1, ge=0)
+    seeds: IncreasingList = [1, 2, 3]  # sampling seeds: every point is sampled once per seed
+    groups: int = Field(50, ge=2)  # jackknife groups of the evaluated inputs (the intervals)
     guidance: float = Field(0.0, ge=0.0, le=20.0)  # classifier-free guidance w (diffusion)
+    # Step grid of the teachers' one-call-per-step samplers (schedules.step_sigmas): "fair"
+    # puts every call where it does work; "edm" is EDM's/k-diffusion's, whose last call is at
+    # sigma_min (for comparisons with published curves).
+    grid: Literal["fair", "edm"] = "fair"
     samplers: SamplerLists = SamplerLists()
     grid_samples: int = Field(16, ge=1, le=256)
-    kid_subset_size: int = Field(100, ge=2)
 
     @field_validator("nfe")
     @classmethod

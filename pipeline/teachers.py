@@ -151,11 +151,12 @@ class Teacher:
     def schedule(self):
         return self.denoiser.schedule
 
-    def sample(self, sampler, y, noise, nfe, guidance=0.0):
-        """(x0 samples, NFE spent) with the sampler `sampler` of this teacher's family."""
+    def sample(self, sampler, y, noise, nfe, guidance=0.0, grid="fair"):
+        """(x0 samples, NFE spent) with the sampler `sampler` of this teacher's family, its
+        calls on the step grid `grid` (schedules.step_sigmas)."""
         y = y if self.shape.conditional else None
         return sample(f"{self.family}/{sampler}", self.denoiser, y, noise, nfe, self.schedule,
-                      guidance)
+                      guidance, grid)
 
 
 def teacher_config(name, params, shape):

@@ -48,21 +48,18 @@ class QuickEval:
 
     def _fidelity(self, path):
         from pipeline.data.shards import load_split
-        from pipeline.evaluation import (
-            FeatureSpace,
-            ShardJob,
-            load_model,
-            sample_shard,
-            score_points,
-        )
+        from pipeline.evaluation import ShardJob, by_point, load_model, sample_shard, score_all
+        from pipeline.results import FeatureSpace
+        from pipeline.scoring import Scorer
         obj = self.objective
         sampler, nfe = sampling_point(load_model(path), obj)
         job = ShardJob(str(path), self.data_dir, 0, obj.n_samples, ((sampler, nfe),), self.seed, 0.0,
                        obj.batch_size, threads=1)
         truth = load_split(self.data_dir, "test").head(obj.n_samples)
-        scores = score_points(sample_shard(job), truth, FeatureSpace.load(self.features_dir),
-                              kid_subset_size=min(100, obj.n_samples))
-        return {obj.metric: scores[(sampler, nfe)][obj.metric], "nfe": nfe}
+        scorer = Scorer(FeatureSpace.load(self.features_dir), obj.n_samples, min(20, obj.n_samples),
+                        truth.x0.shape[1:])
+        (row,), _ = score_all(by_point(sample_shard(job), [self.seed]), truth, scorer)
+        return {obj.metric: row[obj.metric], "nfe": nfe}
 
 
 def sampling_point(model, objective: Objective):
@@ -119,6 +116,6 @@ def run_trial(setup: TrialSetup, config, trial_id, callbacks):
     logged = {**overrides, "objective": setup.spec.objective.model_dump()}
     with trial_run(setup.tracking_uri, setup.parent_run_id, f"{setup.sweep}/{trial_id}", tags, logged) as run:
         score = QuickEval(setup.spec.stage, setup.spec.objective, setup.data_dir, setup.features_dir,
-                          params.evaluate.seed, job.write, log=run.logger())
+                          params.evaluate.seeds[0], job.write, log=run.logger())
         fit(job.run(params.seed, params.ray, log=run.logger(), hooks=[score]), setup.storage,
             f"trial-{trial_id}", callbacks=callbacks)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import common
 
-REFERENCE = "test"  # the FID reference set: the held-out test split's clean images
+REFERENCE = "reference"  # the FID reference set: the reference split's clean images (disjoint from the inputs)
 
 
 def main(args):
@@ -24,15 +24,15 @@ def main(args):
                     f"features-{run.run_id}", progress=common.progress_enabled())
         with staging_dir(Path(args.out)) as tmp:
             job.write(tmp / "classifier.pt", state)
-            test = load_split(args.data, "test")
+            test, reference = load_split(args.data, "test"), load_split(args.data, REFERENCE)
             acc = accuracy(load_classifier(tmp / "classifier.pt"), test.x0, test.label)
             weights = ("classifier.pt" if feats.extractor == "classifier"  # else an absolute path
                        else resolve_weights(feats.extractor, feats.inception_weights))
-            cache_reference_statistics(test.x0, cache_root=str(tmp / "fid_cache"), reference_cache_name=REFERENCE,
+            cache_reference_statistics(reference.x0, cache_root=str(tmp / "fid_cache"), reference_cache_name=REFERENCE,
                                        extractor=feats.extractor, weights_path=str(tmp / weights))
             write_json(tmp / "info.json", {  # what evaluation reads (evaluation.FeatureSpace)
                 "test_accuracy": acc, "extractor": feats.extractor, "fid_name": fid_label(feats.extractor),
-                "weights": weights, "reference": REFERENCE, "n_reference": len(test.x0)})
+                "weights": weights, "reference": REFERENCE, "n_reference": len(reference.x0)})
         run.log_metrics({"test_accuracy": acc})
     print(f"features: classifier test accuracy {acc:.4f}; wrote {args.out}")
 

@@ -13,8 +13,9 @@ def main(args):
 
     common.connect_ray()
     with common.stage_run(params, args, "prepare") as run:
-        manifest = prepare_dataset(params.data.source, params.corruption, params.data.n_test,
-                                   params.data.shard_size, params.seed, args.out, map_fn=ray_map)
+        data = params.data
+        manifest = prepare_dataset(data.source, params.corruption, data.n_test, data.shard_size, params.seed,
+                                   args.out, map_fn=ray_map, n_reference=data.n_reference)
         counts = {f"{name}_count": entry["count"] for name, entry in manifest["splits"].items()}
         run.log_metrics(counts)
         run.set_tags({"corruption": params.corruption.kind, "source": params.data.source.kind})

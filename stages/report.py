@@ -11,8 +11,9 @@ def main(args):
     from pipeline.report import write_report
 
     fid_name = FeatureSpace.load(args.features).fid_name
-    paths = [Path(args.evals) / m / "metrics.csv" for m in params.evaluate.models]
-    table = write_report(paths, args.out, fid_name)  # names a missing evaluation and its stage
+    folders = [Path(args.evals) / m for m in (*params.evaluate.models, "floor")]
+    style = params.teacher.bridge.style if "bridge" in params.evaluate.models else None
+    table = write_report(folders, args.out, fid_name, style)  # names a missing evaluation and its stage
     with common.stage_run(params, args, "report") as run:
         run.log_artifact(Path(args.out) / "fid_vs_nfe.png")
         run.log_artifact(Path(args.out) / "summary.md")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def smoke_params():
     """The real params.yaml shrunk to seconds: 8x8 digits, tiny nets, a few steps."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(source={"kind": "digits"}, n_test=200, shard_size=400)
+    params["data"].update(source={"kind": "digits"}, n_test=100, n_reference=200, shard_size=400)
     params["corruption"] = {"kind": "super_resolution", "factor": 2, "mode": "pool"}
     params["features"]["train"].update(steps=60, log_every=20, checkpoint_every=60)
     params["features"]["classifier"].update(channels=[16, 32], feature_dim=32)
@@ -29,9 +29,9 @@ def smoke_params():
                                 warmup_steps=5)
     for method in params["distill"]["methods"]:
         params["distill"][method]["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4)
-    params["distill"]["pd"]["train"]["steps"] = 4  # two rounds of two steps
-    params["evaluate"].update(nfe=[1, 2, 4], n_samples=48, batch_size=24, grid_samples=8,
-                              kid_subset_size=16)
+    params["distill"]["pd"].update(start_steps=16, rounds=2)  # 16 -> 8 -> 4: two rounds of two steps
+    params["evaluate"].update(nfe=[1, 2, 4], n_samples=48, batch_size=24, grid_samples=8, seeds=[1, 2],
+                              groups=8)
     return params
 
 

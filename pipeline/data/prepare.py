@@ -63,7 +63,7 @@ def corrupt_splits(splits, corruption, shard_size, seed, map_fn):
     return {name: torch.cat([y for y, o in zip(ys, owners) if o == name]) for name in splits}
 
 
-def describe(source, corruption, raw, n_test, shard_size, seed, entries):
+def describe(source, corruption, raw, n_test, n_reference, shard_size, seed, entries):
     """The manifest: enough to check the shards and to know how they were made."""
     shape = list(raw.x0.shape[1:])
     return {
@@ -73,12 +73,12 @@ def describe(source, corruption, raw, n_test, shard_size, seed, entries):
         "conditional": corruption.conditional,
         "num_classes": raw.num_classes,
         "x0_shape": shape, "y_shape": shape, "x0_dtype": "uint8", "y_dtype": "float32",
-        "n_test": n_test, "shard_size": shard_size, "seed": seed,
+        "n_test": n_test, "n_reference": n_reference, "shard_size": shard_size, "seed": seed,
         "splits": entries,
     }
 
 
-def prepare_dataset(source, corruption, n_test, shard_size, seed, out_dir, map_fn=map):
+def prepare_dataset(source, corruption, n_test, shard_size, seed, out_dir, map_fn=map, n_reference=2):
     """Build out_dir (manifest.json + train/test shards); returns the manifest.
 
     map_fn(function, list_of_jobs) must return the results in job order;
@@ -88,13 +88,13 @@ def prepare_dataset(source, corruption, n_test, shard_size, seed, out_dir, map_f
         raise ValueError(f"shard_size={shard_size} must be at least 1")
     check_combination(source, corruption)
     raw = load_source(source)
-    train, test = split(raw, n_test, seed)
-    splits = {"train": train, "test": test}
+    train, test, reference = split(raw, n_test, seed, n_reference)
+    splits = {"train": train, "test": test, "reference": reference}
     ys = corrupt_splits(splits, corruption, shard_size, seed, map_fn)
     out_dir = Path(out_dir)
     with staging_dir(out_dir) as tmp:
         entries = {name: write_split(tmp, name, data.x0, ys[name], data.label, shard_size)
                    for name, data in splits.items()}
-        manifest = describe(source, corruption, raw, n_test, shard_size, seed, entries)
+        manifest = describe(source, corruption, raw, n_test, n_reference, shard_size, seed, entries)
         write_manifest(tmp, manifest)
     return manifest

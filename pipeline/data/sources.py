@@ -161,13 +161,18 @@ def load_source(params):
     return LOADERS[params.kind](params)
 
 
-def split(raw, n_test, seed):
-    """Shuffle with `seed`, then the first n_test samples are test, the rest train.
+def split(raw, n_test, seed, n_reference=0):
+    """Shuffle with `seed`, then the first n_test samples are test (the evaluated inputs), the
+    next n_reference the reference (FID's reference images, disjoint from the inputs), the
+    rest train. Shuffling matters: mnist5k is sorted by class.
 
-    Shuffling matters: mnist5k is sorted by class. Returns (train, test).
+    Returns (train, test) without a reference, else (train, test, reference).
     """
     n = len(raw)
-    if not 1 <= n_test < n:
-        raise ValueError(f"n_test={n_test} must be at least 1 and below the {n} samples of the source")
+    if not 1 <= n_test or n_test + n_reference >= n:
+        raise ValueError(f"n_test={n_test} + n_reference={n_reference} must be at least 1 and below the "
+                         f"{n} samples of the source")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return raw.take(order[n_test:]), raw.take(order[:n_test])
+    held = n_test + n_reference
+    parts = (raw.take(order[held:]), raw.take(order[:n_test]))
+    return parts + (raw.take(order[n_test:held]),) if n_reference else parts

@@ -53,6 +53,9 @@ class MMParams(Params):
     s_draw: Literal["uniform", "next"] = "uniform"  # s ~ U(VP time of grid[i+1], t) or s = grid[i+1]
     weight: Literal["edm", "one"] = "edm"  # w(s): EDM's 1/c_out^2 or 1
     step_input: bool = True  # the student also sees the noise level it steps to (one net, every k)
+    # The student's k-step grid (schedules.step_sigmas): "fair" puts every call where it does
+    # work; "edm" ends with a call at sigma_min (the DDPM grid of the paper's samplers).
+    grid: Literal["fair", "edm"] = "fair"
     train: TrainParams = _student_train(adam_betas=(0.0, 0.99))
 
 
@@ -65,7 +68,7 @@ class ConsistencyParams(Params):
     timesteps: int = Field(1000, ge=10, le=100_000)  # grid="vp" only
     solver: Literal["heun", "euler", "ddim"] = "heun"  # the teacher's ODE step t_{n+1} -> t_n
     ema_mu: float = Field(0.95, ge=0.0, lt=1.0)  # target network EMA; 0 = the online student
-    distance: Literal["l2", "pseudo_huber"] = "l2"
+    distance: Literal["l2", "pseudo_huber", "pseudo_huber_elementwise"] = "l2"
     huber_c: float = Field(0.03, gt=0.0)
     nfe: NfeList = [1, 2, 4, 8]  # multistep sampling by re-noising
     train: TrainParams = _student_train()
@@ -83,11 +86,12 @@ class TDDParams(Params):
     ddim_steps: int = Field(50, ge=2, le=1000)  # training grid: t_{n+k} -> t_n one grid step
     target_selection: bool = True  # False: always target x0 (plain consistency distillation)
     schedule_steps: tuple[int, int] = (4, 8)  # union of the equidistant 4..8-step schedules
-    window: int = Field(2, ge=1, le=16)  # schedule times below tau to draw the target from
+    window: int = Field(260, ge=0, le=100_000)  # span of timesteps below tau the target is drawn from
     s_ratio: float = Field(0.3, ge=0.0, lt=1.0)  # stochastic offset s = floor((1 - u s_ratio) target)
     guidance: float = Field(0.0, ge=0.0, le=20.0)  # teacher CFG scale w during training
     p_uncond: float = Field(0.2, ge=0.0, le=0.9)  # condition dropout during training
     huber_c: float = Field(0.001, gt=0.0)
+    distance: Literal["pseudo_huber_elementwise", "pseudo_huber"] = "pseudo_huber_elementwise"
     eta: float = Field(0.2, ge=0.0, lt=1.0)  # gamma-sampling at inference (the paper's 0.2)
     schedule: Optional[list[int]] = None  # non-equidistant inference timesteps (descending)
     clip_x0_steps: int = Field(0, ge=0)  # dynamic thresholding on this many first steps
@@ -115,8 +119,8 @@ class TDDParams(Params):
 
 class PDParams(Params):
     """Progressive distillation (Salimans & Ho 2022) of the diffusion teacher."""
-    start_steps: int = Field(16, ge=2, le=4096)  # the teacher's DDIM steps that round 1 halves
-    rounds: int = Field(2, ge=1, le=12)  # each halves the step count; train.steps split evenly
+    start_steps: int = Field(64, ge=2, le=4096)  # the teacher's DDIM steps that round 1 halves
+    rounds: int = Field(4, ge=1, le=12)  # each halves the step count; train.steps split evenly
     train: TrainParams = _student_train()
 
     @model_validator(mode="after")

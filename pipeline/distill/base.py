@@ -113,8 +113,9 @@ class Student:
     def teacher_name(self):
         return self.method.teacher.name
 
-    def sample(self, sampler, y, noise, nfe, guidance=0.0):
-        """(x0 samples, NFE spent); `sampler` must be "student"."""
+    def sample(self, sampler, y, noise, nfe, guidance=0.0, grid=None):
+        """(x0 samples, NFE spent); `sampler` must be "student". `grid` is the teachers'
+        option and is ignored: a student samples on the grid its params define."""
         if sampler != "student":
             raise ValueError(f"a {self.name} student has one sampler, 'student', not {sampler!r}")
         self.method.check_sample_args(nfe, guidance)

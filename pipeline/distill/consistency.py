@@ -94,8 +94,12 @@ def teacher_step(denoiser, x, hi, lo, y, keep=None, solver="heun", guidance=0.0)
 
 def distance(a, b, kind="l2", c=0.03):
     """Per-sample (B,): l2 = mean square over pixels; pseudo_huber = sqrt(l2 + c^2) - c
-    (Song & Dhariwal 2023, Sec. 3.3, on the per-pixel mean square)."""
-    d2 = (a - b).square().flatten(1).mean(1)
+    (Song & Dhariwal 2023, Sec. 3.3, on the per-pixel mean square); pseudo_huber_elementwise
+    = the mean over pixels of sqrt((a - b)^2 + c^2) - c (TDD's public training code)."""
+    sq = (a - b).square().flatten(1)
+    if kind == "pseudo_huber_elementwise":
+        return ((sq + c ** 2).sqrt() - c).mean(1)
+    d2 = sq.mean(1)
     if kind == "l2":
         return d2
     return (d2 + c ** 2).sqrt() - c

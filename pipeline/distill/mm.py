@@ -1,7 +1,8 @@
 """Multistep distillation via Moment Matching (Salimans et al. 2024, "Multistep Distillation
 of Diffusion Models via Moment Matching"; docs/methods/mm.md), in EDM sigma space.
 
-Student sampler (k steps, k in `params.nfe`), on the teacher's DDPM grid `vp_sigmas(k)`:
+Student sampler (k steps, k in `params.nfe`), on a VP-uniform grid of k calls
+(`schedules.step_sigmas("vp", k, ..., params.grid)`; "fair" by default: every call does work):
 x = sigma_max eps; per step x_tilde = g(x, t, y), then x ~ q(x_s | x_t, x0 = x_tilde), the
 stochastic DDPM posterior: mean x_tilde + (s/t)^2 (x - x_tilde), variance s^2 (1 - (s/t)^2)
 (the VP posterior with alpha = 1). The last step (s = 0) returns x_tilde: exactly k NFE.
@@ -22,9 +23,9 @@ Decisions on (unconfirmed) details:
   k-step grid; t = grid[i]. `s_draw="uniform"` (default) draws s uniformly in VP time between
   grid[i+1] and t; `s_draw="next"` takes s = grid[i+1]. Either way s is floored at sigma_min
   (the grid ends at 0, where q(z_s | .) degenerates and the teacher's c_noise = log s is
-  undefined). Why "uniform": the DDPM grid `vp_sigmas(k)` always ends [.., sigma_min, 0], so
-  with "next" the last real jump (and for k <= 2 every jump) is only ever matched at
-  s = sigma_min, where g_phi - g_theta ~ s^2 (score difference) is unlearnable noise; on the
+  undefined). Why "uniform": every grid ends at 0, so with "next" the last jump (on the "edm"
+  grid, which ends [.., sigma_min, 0], the last real jump, and for k <= 2 every jump) is only
+  ever matched at s = sigma_min, where g_phi - g_theta ~ s^2 (score difference) is unlearnable noise; on the
   Gaussian toy "next" drifted (k = 1, 2: mean 0.63 vs 0.3) while "uniform" recovered the data
   moments. Matching at any s < t is a valid moment condition of the exact sampler.
 - One student serves every k in `params.nfe` (the paper trains one per k). Without a k input
@@ -49,7 +50,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from pipeline.distill.base import Method, batch_noise, col, trainable_copy
-from pipeline.schedules import edm_loss_weight, edm_precond, vp_sigma, vp_sigma_inv, vp_sigmas
+from pipeline.schedules import edm_loss_weight, edm_precond, step_sigmas, vp_sigma, vp_sigma_inv
 from pipeline.training import optimizer_step
 
 
@@ -123,9 +124,8 @@ class MomentMatching(Method):
         return list(self.params.nfe)
 
     def grid(self, k):
-        """The k-step student's sigma grid: (k+1,) float64, the teacher's DDPM grid."""
-        sched = self.teacher.schedule
-        return vp_sigmas(k, sched.sigma_min, sched.sigma_max)
+        """The k-step student's sigma grid: (k+1,) float64, ending at 0 (`params.grid`)."""
+        return step_sigmas("vp", k, self.teacher.schedule, self.params.grid)
 
     def sample(self, student, y, noise, nfe, guidance=0.0):
         """Salimans et al. 2024, Alg. 1: k = nfe stochastic steps, one student call each."""

@@ -64,7 +64,7 @@ class ProgressiveDistillation(Method):
 
     @property
     def steps_per_round(self):
-        return self.params.train.steps // self.params.rounds
+        return max(1, self.params.train.steps // self.params.rounds)
 
     def round_at(self, step):
         """The round that optimiser step `step` (1-based, after it) leaves training."""

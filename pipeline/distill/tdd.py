@@ -11,14 +11,18 @@ As a jump *target*, index 0 means the clean x0 (sigma = 0), as the last step of 
 Loss: x_hi = x0 + sigma_hi eps; x_prev = one guided teacher DDIM step hi -> lo (CFG
 c + w (c - u) on x0, which fixes eps in sigma space); student f at (x_hi, hi) jumped by DDIM
 to s; target = the same online student under no_grad at (x_prev, lo), jumped to s;
-pseudo-Huber distance (c = huber_c) on the VP-space values z_s = x_s/sqrt(1 + sigma_s^2).
+pseudo-Huber distance (c = huber_c) on the VP-space values z_s = x_s/sqrt(1 + sigma_s^2),
+applied per element and averaged (`distance: pseudo_huber_elementwise`, as TDD's public
+training code does; `pseudo_huber` is Song & Dhariwal's per-sample form, which at c = 0.001
+is nearly a plain L2 norm).
 
 Decisions on unconfirmed details:
 - The k-step equidistant inference schedule is the grid points at positions
   round((M-1)(1 - j/k)), j = 0..k-1 (starts at T-1); the target candidates are the union over
   k in schedule_steps[0]..schedule_steps[1] plus 0. tau = the largest candidate <= t_n; the
-  target is uniform among the `window` largest candidates <= tau; s = floor((1 - u s_ratio)
-  target), u ~ U(0, 1). So s <= t_n (s = t_n makes the target the teacher step itself).
+  target is uniform among the candidates in [tau - window, tau], `window` a span of timesteps
+  (260 of 1000 by default, as the public code's); s = floor((1 - u s_ratio) target),
+  u ~ U(0, 1). So s <= t_n (s = t_n makes the target the teacher step itself).
 - Condition dropout (p_uncond) drops y for student, target and the teacher's conditional
   branch alike (the public code empties the prompt before all of them).
 - Student x0 for the jump is f itself; the jump's eps is (x - f)/sigma.
@@ -28,7 +32,7 @@ Decisions on unconfirmed details:
   t_{i+1}), re-noise to t_{i+1}; the last step lands on x0. With guidance w' != 0 each step
   calls the student with y and with the null condition: nfe = 2N, N must be in params.nfe.
 - target_selection=False targets x0 (s = 0): exactly CD with grid="vp", the same timesteps
-  and grid_steps = ddim_steps, solver "ddim", ema_mu 0, pseudo_huber with huber_c, when
+  and grid_steps = ddim_steps, solver "ddim", ema_mu 0, the same distance and huber_c, when
   guidance = 0 and p_uncond = 0 (the random draws coincide: pair index, then eps).
 """
 import math
@@ -55,9 +59,10 @@ def target_candidates(grid, low, high):
 
 # TDD target timestep selection (Wang et al. 2024, Sec. 3.1; docs/methods/tdd.md).
 def select_targets(t_n, candidates, window, s_ratio, generator):
-    """(B,) int64 target indices s <= t_n for the (B,) int64 lower pair indices t_n."""
+    """(B,) int64 target indices s <= t_n for the (B,) int64 lower pair indices t_n; `window`
+    is the span of timesteps below tau the target is drawn from."""
     top = torch.searchsorted(candidates, t_n, right=True) - 1  # tau = candidates[top] <= t_n
-    low = (top - window + 1).clamp_min(0)
+    low = torch.searchsorted(candidates, candidates[top] - window)  # first candidate >= tau - window
     u = torch.rand(len(t_n), generator=generator, dtype=torch.float64)
     target = candidates[low + (u * (top - low + 1)).long()]
     u = torch.rand(len(t_n), generator=generator, dtype=torch.float64)
@@ -108,7 +113,7 @@ class TargetDrivenDistillation(Method):
         return consistency_loss(student, student, self.teacher.denoiser, x0, y, keep,
                                 hi, lo, sigma_s, eps,
                                 partial(teacher_step, solver="ddim", guidance=p.guidance),
-                                partial(distance, kind="pseudo_huber", c=p.huber_c))
+                                partial(distance, kind=p.distance, c=p.huber_c))
 
     def nfe_choices(self):
         return list(self.params.nfe)

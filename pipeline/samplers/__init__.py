@@ -1,6 +1,6 @@
 """Sampler registry and the NFE-budgeted entry point `sample`.
 
-Every sampler shares `run(denoise, y, noise, steps, schedule, guidance=0.0)` and
+Every sampler shares `run(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair")` and
 states its exact cost `nfe_of_steps(steps, guidance)`; `sample` turns an NFE
 budget into steps, counts the network calls and checks them against that cost.
 
@@ -70,7 +70,7 @@ def steps_for_nfe(sampler, nfe, guidance=0.0):
 
 
 @torch.no_grad()
-def sample(sampler, denoise, y, noise, nfe, schedule, guidance=0.0):
+def sample(sampler, denoise, y, noise, nfe, schedule, guidance=0.0, grid="fair"):
     """Sample within an NFE budget: (x, nfe_used), nfe_used <= nfe the largest achievable.
 
     Raises ValueError when the budget buys no step, RuntimeError when the counted
@@ -81,7 +81,7 @@ def sample(sampler, denoise, y, noise, nfe, schedule, guidance=0.0):
     if steps is None:
         raise ValueError(f"{sampler.key}: nfe={nfe} buys no step at guidance={guidance}")
     counted = CountingDenoiser(denoise)
-    x = sampler.run(counted, y, noise, steps, schedule, guidance=guidance)
+    x = sampler.run(counted, y, noise, steps, schedule, guidance=guidance, grid=grid)
     expected = sampler.nfe_of_steps(steps, guidance)
     if counted.calls != expected:
         raise RuntimeError(f"{sampler.key}: {steps} steps made {counted.calls} calls, expected {expected}")

@@ -1,11 +1,12 @@
 """Samplers for the bridge teacher (docs/teachers.md), from x_T = y at t = T to x0.
 
-Shared signature: `run(denoise, y, noise, steps, schedule, guidance=0.0) -> x0`
+Shared signature: `run(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair") -> x0`
 - `denoise(x_t, t, y) -> x0_hat`, t a (B,) tensor in (0, T]; y is always passed
   and the model decides whether its network sees it (I2SB never, DDBM always).
 - `noise`: a `SeededNoise` shaped like y (all randomness); `steps`: steps N;
   `schedule`: a `BridgeSchedule`. `guidance` exists only to share the diffusion
-  samplers' signature and must be 0.
+  samplers' signature and must be 0; so does `grid`: the bridge grids below already
+  put every call at a time where it does work (the last at t_{N-1} > t_min for N > 1).
 Returns the raw final x0 (callers clip).
 
 Time grid (`bridge_times`): the network is evaluated at
@@ -82,13 +83,13 @@ def _posterior_chain(denoise, y, noise, steps, schedule, ot_ode):
     raise AssertionError("the time grid ends at 0")
 
 
-def posterior(denoise, y, noise, steps, schedule, guidance=0.0):
+def posterior(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
     """I2SB ancestral sampler: N steps cost N NFE."""
     _no_guidance(guidance)
     return _posterior_chain(denoise, y, noise, steps, schedule, ot_ode=False)
 
 
-def posterior_ode(denoise, y, noise, steps, schedule, guidance=0.0):
+def posterior_ode(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
     """I2SB with --ot-ode: deterministic given y (no noise at all); N steps cost N NFE."""
     _no_guidance(guidance)
     return _posterior_chain(denoise, y, noise, steps, schedule, ot_ode=True)
@@ -97,7 +98,7 @@ def posterior_ode(denoise, y, noise, steps, schedule, guidance=0.0):
 # Bridge ODE, Euler in rho (DBIM eta = 0, Zheng et al. 2024, Eq. 13): x_s = a_s y + b_s D + c_s eps_hat,
 # eps_hat = (x_t - a_t y - b_t D)/c_t. The first step from T (c_T = 0) uses fresh noise for eps_hat:
 # it is I2SB's/DBIM's stochastic posterior step, i.e. Euler from u_T = eps. Last step returns D. NFE = N.
-def euler(denoise, y, noise, steps, schedule, guidance=0.0):
+def euler(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
     _no_guidance(guidance)
     times = bridge_times(steps, schedule, ODE_TIME_POWER)
     x, eps_T = y, noise.randn()
@@ -113,7 +114,7 @@ def euler(denoise, y, noise, steps, schedule, guidance=0.0):
 # Bridge ODE, Heun in rho (EDM Alg. 1 transplanted to du/drho = D): predictor as `euler`, corrector
 # with D averaged over both ends (second evaluation at s). The first step is the stochastic
 # posterior step with its Heun correction; the last step returns D. NFE = 2N - 1.
-def heun(denoise, y, noise, steps, schedule, guidance=0.0):
+def heun(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
     _no_guidance(guidance)
     times = bridge_times(steps, schedule, ODE_TIME_POWER)
     x, eps_T = y, noise.randn()

@@ -1,12 +1,15 @@
 """Training-free samplers for the EDM-space diffusion teacher (docs/teachers.md).
 
-Shared signature: `run(denoise, y, noise, steps, schedule, guidance=0.0) -> x`
+Shared signature: `run(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair") -> x`
 - `denoise(x, sigma, y) -> x0_hat`, sigma a (B,) tensor, y the condition (None = null).
 - `noise`: a `SeededNoise` of the sample shape; ALL randomness comes from it, so a
   sample does not depend on its batch. The start is x = sigma_max * noise.randn().
 - `steps`: sampler steps N (not NFE); `schedule`: an `EDMSchedule`.
 - `guidance` w: classifier-free guidance D = D(x,s,y) + w (D(x,s,y) - D(x,s,None));
   an evaluation costs 2 NFE when w != 0 and 1 when w == 0.
+- `grid`: "fair" (default) or "edm", which levels the calls are made at
+  (`schedules.step_sigmas`): EDM's grid ends with a call at sigma_min that does almost
+  nothing; the fair grid puts every call where it does work.
 Returns the raw final x (callers clip).
 
 NFE of N steps (k = 2 if guidance else 1): ddim, ddpm, euler, dpmpp_2m: k N;
@@ -19,7 +22,7 @@ import math
 
 import torch
 
-from pipeline.schedules import karras_sigmas, vp_sigmas
+from pipeline.schedules import step_sigmas
 
 
 def guided(denoise, x, sigma, y, guidance):
@@ -45,9 +48,9 @@ def heun_nfe(steps, guidance=0.0):
 
 
 # DDIM, eta = 0 (Song et al. 2021, Eq. 12), in sigma space: x_next = D + (s_next/s)(x - D),
-# on the VP-uniform grid `vp_sigmas`.
-def ddim(denoise, y, noise, steps, schedule, guidance=0.0):
-    sigmas = vp_sigmas(steps, schedule.sigma_min, schedule.sigma_max).tolist()
+# on the VP-uniform spacing (`schedules.step_sigmas`).
+def ddim(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
+    sigmas = step_sigmas("vp", steps, schedule, grid).tolist()
     x = schedule.sigma_max * noise.randn()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = guided(denoise, x, s, y, guidance)
@@ -57,8 +60,8 @@ def ddim(denoise, y, noise, steps, schedule, guidance=0.0):
 
 # DDPM ancestral sampling (Ho et al. 2020, Eq. 6-7): x_next ~ q(x_next | x, x0 = D), in sigma space
 # mean D + (s_next/s)^2 (x - D), variance s_next^2 (1 - (s_next/s)^2); on the VP-uniform grid.
-def ddpm(denoise, y, noise, steps, schedule, guidance=0.0):
-    sigmas = vp_sigmas(steps, schedule.sigma_min, schedule.sigma_max).tolist()
+def ddpm(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
+    sigmas = step_sigmas("vp", steps, schedule, grid).tolist()
     x = schedule.sigma_max * noise.randn()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = guided(denoise, x, s, y, guidance)
@@ -70,8 +73,8 @@ def ddpm(denoise, y, noise, steps, schedule, guidance=0.0):
 
 
 # Euler on the PF-ODE dx/dsigma = (x - D)/sigma (Karras et al. 2022, Eq. 3), Karras grid (Eq. 5).
-def euler(denoise, y, noise, steps, schedule, guidance=0.0):
-    sigmas = karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max, schedule.rho).tolist()
+def euler(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
+    sigmas = step_sigmas("karras", steps, schedule, grid).tolist()
     x = schedule.sigma_max * noise.randn()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = guided(denoise, x, s, y, guidance)
@@ -81,8 +84,8 @@ def euler(denoise, y, noise, steps, schedule, guidance=0.0):
 
 # EDM Algorithm 1 (Karras et al. 2022), deterministic: Heun's 2nd-order method on the PF-ODE,
 # Karras grid; the last step to sigma = 0 is Euler, so N steps cost 2N - 1 evaluations.
-def heun(denoise, y, noise, steps, schedule, guidance=0.0):
-    sigmas = karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max, schedule.rho).tolist()
+def heun(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
+    sigmas = step_sigmas("karras", steps, schedule, grid).tolist()
     x = schedule.sigma_max * noise.randn()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         slope = (x - guided(denoise, x, s, y, guidance)) / s
@@ -96,8 +99,8 @@ def heun(denoise, y, noise, steps, schedule, guidance=0.0):
 
 # DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, multistep in lambda = -log sigma,
 # on the Karras grid; the first step and the last (to sigma = 0) are first order.
-def dpmpp_2m(denoise, y, noise, steps, schedule, guidance=0.0):
-    sigmas = karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max, schedule.rho).tolist()
+def dpmpp_2m(denoise, y, noise, steps, schedule, guidance=0.0, grid="fair"):
+    sigmas = step_sigmas("karras", steps, schedule, grid).tolist()
     x = schedule.sigma_max * noise.randn()
     d_prev, h_prev = None, None
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):

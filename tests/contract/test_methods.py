@@ -17,7 +17,7 @@ from tests.helpers import THROWAWAY
 
 SHAPE = DataShape(channels=1, image_size=8, conditional=True)
 NET = UNetParams(patch=2, channels=(16, 16), emb_dim=32)
-TRAIN = TrainParams(steps=2, batch_size=6, lr=1e-3, warmup_steps=0, log_every=1, checkpoint_every=2)
+TRAIN = TrainParams(steps=4, batch_size=6, lr=1e-3, warmup_steps=0, log_every=2, checkpoint_every=4)
 # Every registered method, the DDBM-style (conditional) bridge for IBMD, and the throw-away.
 CASES = [(name, "i2sb") for name in METHODS] + [("ibmd", "ddbm"), ("throwaway", "i2sb")]
 

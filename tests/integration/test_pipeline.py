@@ -12,6 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.shards import sha256
+from pipeline.results import COLUMNS
 
 from tests.conftest import smoke_params
 from tests.integration.conftest import sh
@@ -22,23 +23,38 @@ pytestmark = pytest.mark.slow
 def test_chain_writes_the_report(project):
     root, _ = project
     table = pd.read_csv(root / "results" / "fid_vs_nfe.csv")
-    assert list(table.columns) == ["model", "method", "teacher", "sampler", "nfe", "fid", "kid",
-                                   "psnr", "ssim", "accuracy", "sec_per_sample"]
+    assert tuple(table.columns) == COLUMNS
     params = smoke_params()
     expected = {("diffusion", s) for s in params["evaluate"]["samplers"]["diffusion"]}
     expected |= {("bridge", s) for s in params["evaluate"]["samplers"]["bridge"]}
     expected |= {(m, "student") for m in params["distill"]["methods"]}
+    expected |= {("oracle", "x0"), ("input", "y")}  # the floor, scored like models
     assert set(zip(table["model"], table["sampler"])) == expected
+    # Every point has its interval, and it contains the estimate.
+    for m in ("fid", "kid", "psnr", "ssim", "accuracy"):
+        assert (table[f"{m}_lo"] <= table[m]).all() and (table[m] <= table[f"{m}_hi"]).all(), m
+    oracle = table[table["model"] == "oracle"].iloc[0]
+    assert oracle["fid"] < table[table["model"] == "diffusion"]["fid"].min()  # the floor is below the models
+    verdicts = pd.read_csv(root / "results" / "comparisons.csv")
+    assert set(verdicts["verdict"]) <= {"better", "worse", "indistinguishable"}
+    assert {"vs teacher's best", "vs teacher at the same NFE", "method vs method at the same NFE"} == set(
+        verdicts["comparison"])
+    assert ((verdicts["verdict"] == "better") == (verdicts["hi"] < 0)).all()
+    summary = (root / "results" / "summary.md").read_text()
+    assert summary.startswith("# How few network evaluations does each model need?")
+    assert "Fewest NFE not worse than the teacher's best point" in summary and "Where zero is" in summary
     students = table[table["sampler"] == "student"]
     assert set(students["method"]) == set(params["distill"]["methods"])
     assert dict(zip(students["model"], students["teacher"])) == params["distill"]["methods"]
-    assert "Students against their teachers" in (root / "results" / "summary.md").read_text()
     assert table["fid"].notna().all() and (table["sec_per_sample"] > 0).all()
     teachers = table[table["method"] == "teacher"]
     assert (teachers["nfe"] <= max(params["evaluate"]["nfe"])).all()
     for name in ("fid_vs_nfe.png", "summary.md", "fid_vs_nfe_curves.csv"):
         assert (root / "results" / name).stat().st_size > 0
     assert "Pareto front" in (root / "results" / "summary.md").read_text()
+    replicates = json.loads((root / "results" / "eval" / "diffusion" / "replicates.json").read_text())
+    assert replicates["n"] == params["evaluate"]["n_samples"] and replicates["seeds"] == params["evaluate"]["seeds"]
+    assert all(len(r["fid"]) == params["evaluate"]["groups"] for r in replicates["points"].values())
     for model in params["evaluate"]["models"]:
         grids = sorted((root / "results" / "eval" / model / "grids").glob("nfe_*.png"))
         assert grids, model
@@ -50,13 +66,15 @@ def test_mlflow_has_tagged_runs_and_fid_curves(project):
     exp = client.get_experiment_by_name("distillation")
     runs = client.search_runs([exp.experiment_id], "tags.group = 'smoke'")
     stages = {r.data.tags["stage"] for r in runs}
-    assert {"pipeline", "prepare", "features", "teacher", "distill", "evaluate", "report"} <= stages
+    assert {"pipeline", "prepare", "features", "teacher", "distill", "evaluate", "floor", "report"} <= stages
     for r in runs:
         if r.data.tags["stage"] != "pipeline":
             assert r.data.tags["git_commit"] != "unknown" and len(r.data.tags["params_hash"]) == 12
     curve = [r for r in runs if r.info.run_name == "diffusion/heun"][0]
     history = client.get_metric_history(curve.info.run_id, "fid")
     assert sorted(m.step for m in history) == [1, 3]  # Heun: 2N-1 NFE, so 2 and 4 map to 1 and 3
+    lo, hi = (client.get_metric_history(curve.info.run_id, k) for k in ("fid_lo", "fid_hi"))
+    assert all(a.value <= f.value <= b.value for a, f, b in zip(lo, history, hi))
     teacher = [r for r in runs if r.data.tags["stage"] == "teacher"][0]
     assert client.get_metric_history(teacher.info.run_id, "train/loss")
     # Students log like teachers: same metric names, step = nfe, tags method/teacher/nfe,

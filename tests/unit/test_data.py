@@ -200,10 +200,13 @@ def test_prepare_digits_end_to_end(tmp_path):
     out = tmp_path / "prepared"
     params = SuperResolution(factor=2)
     manifest = prepare_dataset(DigitsSource(), params, n_test=300, shard_size=500, seed=0,
-                               out_dir=out, map_fn=recording_map(calls))
-    assert calls == [3 + 1]  # 1497 train in 3 shards, 300 test in 1
+                               out_dir=out, map_fn=recording_map(calls), n_reference=400)
+    assert calls == [3 + 1 + 1]  # 1097 train in 3 shards, 300 test in 1, 400 reference in 1
     assert manifest == read_manifest(out)
-    assert manifest["splits"]["train"]["count"] == 1497 and manifest["x0_shape"] == [1, 8, 8]
+    assert manifest["splits"]["train"]["count"] == 1097 and manifest["x0_shape"] == [1, 8, 8]
+    assert manifest["splits"]["reference"]["count"] == 400 and manifest["n_reference"] == 400
+    reference = load_split(out, "reference")
+    assert not set(map(bytes, reference.x0.numpy())) & set(map(bytes, load_split(out, "test").x0.numpy()))
     assert manifest["corruption"] == {"kind": "super_resolution", "factor": 2, "mode": "pool"}
     assert manifest["source"] == {"kind": "digits"} and manifest["conditional"] is True
     test = load_split(out, "test")
@@ -278,15 +281,15 @@ def test_prepare_rejects_bad_combinations_before_work(tmp_path):
 
 
 def test_paired_prepare_takes_y_from_b(tmp_path):
-    for i in range(4):
-        save_png(tmp_path / "a" / f"{i}.png", (60 * i, 60 * i, 60 * i))
+    for i in range(6):
+        save_png(tmp_path / "a" / f"{i}.png", (40 * i, 40 * i, 40 * i))
         save_png(tmp_path / "b" / f"{i}.jpg", (0, 0, 0))
     source = PairedSource(a=tmp_path / "a", b=tmp_path / "b", image_size=4, channels=1)
     prepare_dataset(source, PairedCorruption(), 1, 2, 0, tmp_path / "out")
     data = load_split(tmp_path / "out", "train")
     assert len(data) == 3 and data.conditional and (data.y == -1).all()
     shades = {round(v * 127.5 + 127.5) for v in data.x0[:, 0, 0, 0].tolist()}
-    assert len(shades) == 3 and shades <= {0, 60, 120, 180}  # x0 comes from a
+    assert len(shades) == 3 and shades <= {0, 40, 80, 120, 160, 200}  # x0 comes from a
 
 
 def test_corrupt_shard_is_picklable():

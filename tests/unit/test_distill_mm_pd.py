@@ -127,8 +127,9 @@ def test_pd_one_round_two_step_student_matches_four_step_teacher():
     method = ProgressiveDistillation(PDParams(start_steps=4, rounds=1, train=train_params(300, 1e-2)), teacher)
     state = run_training(method, toy_data(), method.params.train, seed=0)
     student = trained_student(method, state)
-    x_teacher4, _ = teacher.sample("ddim", None, noise(500), 4)
-    x_teacher2, _ = teacher.sample("ddim", None, noise(500), 2)
+    # Round 0 distils the teacher's DDIM on its start_steps grid `vp_sigmas(4)`: the "edm" grid.
+    x_teacher4, _ = teacher.sample("ddim", None, noise(500), 4, grid="edm")
+    x_teacher2, _ = teacher.sample("ddim", None, noise(500), 2, grid="edm")
     with torch.no_grad():
         x_student = method.sample(student, None, noise(500), 2)
     # Same starting noise, deterministic samplers: the 2-step student lands on the 4-step

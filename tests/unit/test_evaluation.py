@@ -8,7 +8,7 @@ import torch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data.shards import write_manifest, write_split
 from pipeline.evaluation import merge_shards, plan, sample_shard, shard_jobs, split_by_plan
-from pipeline.report import pareto_front, student_comparison
+from pipeline.report import pareto_front
 from pipeline.settings import DiffusionTeacherParams, UNetParams
 from pipeline.teachers import DataShape, DiffusionTeacherTask, teacher_config
 
@@ -44,25 +44,25 @@ def tiny_setup(tmp_path_factory):
 def test_samples_do_not_depend_on_shards_or_batch_size(tiny_setup, shards, batch):
     jobs = [("ddpm", 3), ("heun", 3)]
     args = (tiny_setup / "m.pt", tiny_setup / "data", 10)
-    one = merge_shards([sample_shard(j) for j in shard_jobs(*args, 1, jobs, 7, 0.0, 10)])
-    many = merge_shards([sample_shard(j) for j in shard_jobs(*args, shards, jobs, 7, 0.0, batch)])
+    one = merge_shards([sample_shard(j) for j in shard_jobs(*args, 1, jobs, [7], 0.0, 10)])
+    many = merge_shards([sample_shard(j) for j in shard_jobs(*args, shards, jobs, [7], 0.0, batch)])
     for key in one:
         # Equal up to float round-off: conv kernels sum in a batch-size-dependent order.
         assert torch.allclose(one[key][0], many[key][0], atol=1e-3), key
         assert one[key][0].abs().max() <= 1.0  # clipped alike for every model
-    other_seed = merge_shards([sample_shard(j) for j in shard_jobs(*args, 1, jobs, 8, 0.0, 10)])
-    assert not torch.allclose(one[("ddpm", 3)][0], other_seed[("ddpm", 3)][0])
+    other_seed = merge_shards([sample_shard(j) for j in shard_jobs(*args, 1, jobs, [8], 0.0, 10)])
+    assert not torch.allclose(one[("ddpm", 3, 7)][0], other_seed[("ddpm", 3, 8)][0])
 
 
 def test_jobs_split_per_plan_item_give_the_same_samples(tiny_setup):
     jobs = [("ddpm", 3), ("heun", 3), ("euler", 2)]
-    shards = shard_jobs(tiny_setup / "m.pt", tiny_setup / "data", 10, 2, jobs, 7, 0.0, 3)
+    shards = shard_jobs(tiny_setup / "m.pt", tiny_setup / "data", 10, 2, jobs, [7], 0.0, 3)
     split = split_by_plan(shards)
     assert [(j.plan, j.start) for j in split[:2]] == [((("ddpm", 3),), 0), ((("ddpm", 3),), 5)]
     assert len(split) == len(jobs) * len(shards)
     whole = merge_shards([sample_shard(j) for j in shards])
     pieces = merge_shards([sample_shard(j) for j in split])
-    assert list(pieces) == list(whole) == jobs
+    assert list(pieces) == list(whole) == [(s, n, 7) for s, n in jobs]
     for key in whole:
         assert torch.equal(pieces[key][0], whole[key][0]), key  # bit for bit, not just close
 
@@ -74,21 +74,42 @@ def test_pareto_front_keeps_only_undominated_points():
     assert list(zip(front["nfe"], front["fid"])) == [(1, 10.0), (2, 5.0), (4, 3.0)]
 
 
-def test_student_comparison_against_its_own_teacher():
-    t = dict(method="teacher", sampler="ddim")
-    table = pd.DataFrame([
-        {**t, "model": "diffusion", "teacher": "diffusion", "nfe": 1, "fid": 9.0, "sec_per_sample": 1.0},
-        {**t, "model": "diffusion", "teacher": "diffusion", "nfe": 8, "fid": 2.0, "sec_per_sample": 8.0},
-        {**t, "model": "diffusion", "teacher": "diffusion", "nfe": 32, "fid": 1.0, "sec_per_sample": 32.0},
-        {**t, "model": "bridge", "teacher": "bridge", "nfe": 1, "fid": 0.1, "sec_per_sample": 1.0},
-        {"model": "mm", "method": "mm", "teacher": "diffusion", "sampler": "student", "nfe": 4,
-         "fid": 1.5, "sec_per_sample": 2.0},
-        {"model": "pd", "method": "pd", "teacher": "diffusion", "sampler": "student", "nfe": 2,
-         "fid": 0.5, "sec_per_sample": 1.0},
-    ])
-    rows = student_comparison(table).set_index("model")
-    mm = rows.loc["mm"]
-    assert mm["teacher_best_fid"] == 1.0 and mm["vs_best"] == 1.5  # the bridge's 0.1 is not its teacher
-    assert mm["teacher_fid_le_nfe"] == 9.0  # the teacher's best with at most 4 NFE
-    assert mm["teacher_nfe_same_fid"] == 32 and mm["speedup"] == 16.0  # 32 s / 2 s
-    assert pd.isna(rows.loc["pd", "speedup"])  # no teacher point is as good
+def write_folder(root, model, method, teacher, points, groups=10, seed=0, folder=None):
+    """An evaluation folder whose replicates are estimate + noise: {(sampler, nfe): (fid, spread)}."""
+    import numpy as np
+
+    from pipeline.results import METRICS, point_key, write_evaluation
+    rng = np.random.default_rng(seed)
+    rows, reps = [], {}
+    for (sampler, nfe), (fid, spread, sec) in points.items():
+        r = fid + spread * rng.standard_normal(groups)
+        lo, hi = fid - 2 * spread, fid + 2 * spread
+        rows.append({"model": model, "method": method, "teacher": teacher, "sampler": sampler, "nfe": nfe,
+                     **{m: float("nan") for m in METRICS}, "fid": fid, "fid_lo": lo, "fid_hi": hi,
+                     "sec_per_sample": sec})
+        reps[point_key(sampler, nfe)] = {"fid": list(r)}
+    write_evaluation(root / (folder or model), rows, reps, {}, {"n": 100, "groups": groups, "seeds": [1]})
+    return root / (folder or model)
+
+
+def test_report_verdicts_speed_ups_and_the_fewest_nfe(tmp_path):
+    from pipeline.report import Results, comparisons, fewest_nfe, speedups
+    shared = 0.02  # every replicate draw below uses the same seed: the noise is shared (paired)
+    folders = [
+        write_folder(tmp_path, "diffusion", "teacher", "diffusion",
+                     {("ddim", 1): (9.0, shared, 1.0), ("ddim", 8): (2.0, shared, 8.0), ("ddim", 32): (1.0, shared, 32.0)}),
+        write_folder(tmp_path, "mm", "mm", "diffusion", {("student", 4): (1.0, shared, 2.0)}),
+        write_folder(tmp_path, "pd", "pd", "diffusion", {("student", 4): (1.5, shared, 2.0)}),
+        write_folder(tmp_path, "oracle", "reference", "", {("x0", 0): (0.4, shared, 0.0)}, folder="floor"),
+    ]
+    results = Results(folders)
+    verdicts = comparisons(results).set_index(["comparison", "a"])
+    assert verdicts.loc[("vs teacher's best", "mm/student@4"), "verdict"] == "indistinguishable"  # equal FID
+    assert verdicts.loc[("vs teacher's best", "pd/student@4"), "verdict"] == "worse"
+    assert verdicts.loc[("method vs method at the same NFE", "mm/student@4"), "verdict"] == "better"
+    reach = fewest_nfe(results).set_index("model")
+    assert reach.loc["mm", "nfe"] == 4 and reach.loc["diffusion", "nfe"] == 32
+    assert reach.loc["pd", "nfe"] == "none of those evaluated"
+    ups = speedups(results).set_index("student")
+    assert ups.loc["mm@4", "speed-up (measured)"] == 16.0  # the teacher needs 32 NFE (32 s) for mm's FID
+    assert ups.loc["pd@4", "teacher point as good"].startswith("ddim@32")  # cheapest not worse than pd

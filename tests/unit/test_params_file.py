@@ -32,10 +32,14 @@ def expected_readers(key):
         return set(TRAINING)
     if section == "features":
         return {"features"}
+    if key == "teacher.bridge.style":  # the report names which law the bridge teacher samples
+        return {"teacher@bridge", "report"}
     if section in ("teacher", "distill"):
         return {f"{section}@{rest.split('.')[0]}"}
     if key.startswith("evaluate.models"):
         return {"report"}
+    if key in ("evaluate.n_samples", "evaluate.groups"):  # the floor is scored on the same inputs and groups
+        return EVALUATIONS | {"floor"}
     return set(EVALUATIONS)
 
 
@@ -87,9 +91,9 @@ def test_the_checks_see_a_missing_field_and_a_silent_difference(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert "distill.mm.s_draw" in set(leaves(load_params(path).model_dump(mode="json"))) - set(leaves(raw))
-    text = (ROOT / "params.yaml").read_text().replace("    window: 2\n", "    window: 3\n")
+    text = (ROOT / "params.yaml").read_text().replace("    s_ratio: 0.3\n", "    s_ratio: 0.5\n")
     where = line_of_each_leaf(text)
-    assert "#" not in text.splitlines()[where["distill.tdd.window"]]
+    assert "#" not in text.splitlines()[where["distill.tdd.s_ratio"]]
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,12 @@ class PipelineBase(Params):
             raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
                              "remove the bridge's students from distill.methods or choose a corruption")
         self.corruption.check(shape)
+        if self.teacher.diffusion.pretrained is not None and self.corruption.conditional:
+            raise ValueError("teacher.diffusion.pretrained: a pretrained diffusers teacher is unconditional; "
+                             f"set corruption.kind: none (got {self.corruption.kind!r})")
         for name in TEACHER_NAMES:
+            if name == "diffusion" and self.teacher.diffusion.pretrained is not None:
+                continue  # its net is the pretrained model's
             net = getattr(self.teacher, name).net
             factor = net.patch * 2 ** (len(net.channels) - 1)
             if shape[1] % factor:

@@ -98,7 +98,7 @@ def _worker(config):
     log = run.log if rank == 0 else None
     hooks = LoopHooks(rank=rank, world_size=context.world_size,
                       device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model,
-                      report=report, resume=resume, log=log)
+                      report=report, resume=resume, log=log, compute=run.scaling.compute)
     if resume is not None and log is not None:
         log({"train/resumed_from_step": resume["step"]}, resume["step"])
     run_training(run.task, run.load_data(), run.train, run.seed, hooks)

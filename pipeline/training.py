@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from pipeline.settings import RayParams, TrainParams
+from pipeline import compute as device_settings
+from pipeline.settings import ComputeParams, RayParams, TrainParams
 
 
 class Task:
@@ -51,7 +52,9 @@ class Task:
 def optimizer_step(optimizers, loss, grad_clip):
     """One update on the scalar `loss`: zero_grad, backward, clip each optimiser's gradients
     to norm `grad_clip`, step each. The only place the loop and the methods that alternate
-    updates (IBMD, MM) take a step. Returns the loss as a float."""
+    updates (IBMD, MM) take a step. Returns the loss detached, a 0-d tensor on the loss's
+    device: reading it (`float`) waits for the device, so the loop reads its metrics only
+    when it reports, not every step."""
     optimizers = list(optimizers)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -59,7 +62,7 @@ def optimizer_step(optimizers, loss, grad_clip):
     for opt in optimizers:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
         opt.step()
-    return loss.item()
+    return loss.detach()
 
 
 @dataclass
@@ -73,6 +76,7 @@ class LoopHooks:
     resume: dict | None = None
     log: Callable[[dict, int], None] | None = None  # rank 0 only: e.g. MLflow
     history: list = field(default_factory=list)
+    compute: ComputeParams = field(default_factory=ComputeParams)  # pipeline.compute
 
 
 @dataclass(frozen=True)
@@ -150,19 +154,22 @@ def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks =
     """Train `task` on `data` (dict of tensors) for params.steps; return the final training state."""
     hooks = hooks or LoopHooks()
     torch.manual_seed(seed)  # identical initial weights on every rank
+    device_settings.configure_backends(hooks.compute, hooks.device)
     task.to(hooks.device)
-    nets = {k: v.to(hooks.device) for k, v in task.build().items()}
+    nets = {k: device_settings.prepare_net(v.to(hooks.device), hooks.compute) for k, v in task.build().items()}
     ema = {k: copy.deepcopy(v).requires_grad_(False) for k, v in nets.items()}
     optimizers = task.optimizers(nets, params)
     start = _restore(hooks.resume, nets, ema, optimizers) if hooks.resume else 0
-    wrapped = {k: hooks.wrap(v) if _trainable(v) else v for k, v in nets.items()}
+    wrapped = {k: device_settings.for_training(v, hooks.compute, hooks.device, hooks.wrap) if _trainable(v) else v
+               for k, v in nets.items()}
     # A distinct stream per rank (data parallelism) and per resume point.
     generator = torch.Generator().manual_seed(seed * 7919 + hooks.rank * 104_729 + start)
     per_worker = max(1, params.batch_size // hooks.world_size)
     window, tick = [], time.perf_counter()
     for step in range(start, params.steps):
         _set_lr(optimizers, params, step)
-        batch = sample_batch(data, per_worker, generator, hooks.device)
+        batch = device_settings.prepare_batch(sample_batch(data, per_worker, generator, hooks.device),
+                                              hooks.compute)
         window.append(task.train_step(wrapped, optimizers, batch, generator, params))
         done = step + 1
         task.after_step(nets, done)
@@ -173,7 +180,7 @@ def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks =
             # batch: the report's own cost (a Ray barrier) lands in the next window.
             now = time.perf_counter()
             seconds, tick = now - tick, now
-            metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+            metrics = {k: float(sum(m[k] for m in window)) / len(window) for k in window[0]}  # one sync
             metrics["step"] = done
             metrics["samples_per_sec"] = len(window) * per_worker * hooks.world_size / seconds
             checkpoint = done % params.checkpoint_every == 0 or done == params.steps

@@ -148,13 +148,21 @@ def _poly_kernel(a, b):
     return (a @ b.T / a.shape[1] + 1.0) ** 3
 
 
-def kid(features, ref_features, group, chunk=2048):
+def reference_kernel_mean(ref_features, chunk=2048):
+    """The reference's own term of KID, mean k(y_i, y_j) over i != j: it depends on the
+    reference alone, so a stage computes it once (`kid(..., k_yy=...)`)."""
+    y = np.asarray(ref_features, dtype=np.float64)
+    return _offdiag_sum(y, chunk) / (len(y) * (len(y) - 1))
+
+
+def kid(features, ref_features, group, chunk=2048, k_yy=None):
     """(KID, leave-a-group-out KIDs): the unbiased MMD^2 of the full sets with the polynomial
-    kernel (Binkowski et al. 2018, Eq. 3), no subsets."""
+    kernel (Binkowski et al. 2018, Eq. 3), no subsets. `k_yy`: the reference's
+    `reference_kernel_mean`, when already computed."""
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(ref_features, dtype=np.float64)
     n, m = len(x), len(y)
-    k_yy = _offdiag_sum(y, chunk) / (m * (m - 1))
+    k_yy = reference_kernel_mean(y, chunk) if k_yy is None else k_yy
     row_xx = np.concatenate([_poly_kernel(x[i:i + chunk], x).sum(1) for i in range(0, n, chunk)])
     diag_xx = (np.einsum("ij,ij->i", x, x) / x.shape[1] + 1.0) ** 3
     row_xy = np.concatenate([_poly_kernel(x[i:i + chunk], y).sum(1) for i in range(0, n, chunk)])

@@ -6,6 +6,13 @@ from pipeline.settings import TEACHER_NAMES
 
 def main(args):
     params = common.load(args, f"teacher@{args.name}")
+    section = getattr(params.teacher, args.name)
+    if getattr(section, "pretrained", None) is not None:  # nothing to train: embed the model
+        from pipeline.pretrained import write_pretrained_teacher
+        with common.stage_run(params, args, "teacher", model=args.name, method="pretrained", teacher=args.name):
+            write_pretrained_teacher(args.out, section.pretrained, section, args.data)
+        print(f"teacher@{args.name}: wrote {args.out} from {section.pretrained.path}")
+        return
     # Heavy imports only after the params validated (see common.py).
     from pipeline.distributed import fit
     from pipeline.jobs import teacher_job

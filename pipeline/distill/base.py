@@ -24,7 +24,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.distill import METHODS, name_of, registration
 from pipeline.samplers.nfe import CountingDenoiser
 from pipeline.settings import Params
-from pipeline.teachers import Teacher, build_teacher
+from pipeline.teachers import Teacher, build_teacher, teacher_config
 from pipeline.training import Task
 
 
@@ -43,8 +43,18 @@ def frozen_copy(net: nn.Module) -> nn.Module:
 
 
 def unwrap(net):
-    """The module inside a DDP wrapper (or the module itself)."""
-    return getattr(net, "module", net)
+    """The module inside its training wrappers (torch.compile, bf16 autocast, DDP; see
+    pipeline.compute.for_training), or the module itself."""
+    from pipeline.compute import Autocast
+    while True:
+        if hasattr(net, "_orig_mod"):  # torch.compile's OptimizedModule
+            net = net._orig_mod
+        elif isinstance(net, Autocast):
+            net = net.net
+        elif isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net = net.module
+        else:
+            return net
 
 
 def batch_noise(shape, generator, device):
@@ -95,8 +105,7 @@ def student_config(method: Method):
     t = method.teacher
     return {"method": method.name,
             "params": method.params.model_dump(mode="json"),
-            "teacher": {"teacher": t.name, "params": t.params.model_dump(mode="json"),
-                        "shape": t.shape.__dict__}}
+            "teacher": teacher_config(t.name, t.params, t.shape, t.denoiser)}
 
 
 @dataclass

@@ -12,7 +12,8 @@ import yaml
 
 from tests.conftest import ROOT, smoke_params
 
-COPIED = ["pipeline", "stages", "sweeps", "notebooks", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", "pyproject.toml"]
+COPIED = ["pipeline", "stages", "sweeps", "notebooks", "pretrained", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+          ".dvc/plots", ".dvcignore", "pyproject.toml"]
 
 
 def sh(cmd, cwd, env, check=True):

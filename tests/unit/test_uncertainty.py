@@ -11,7 +11,7 @@ import torch
 from scipy import linalg
 
 from pipeline.uncertainty import (Point, Reference, _frechet, compare, frechet_distance, groups_of, interval,
-                                  kid, mean_with_replicates)
+                                  kid, mean_with_replicates, reference_kernel_mean)
 
 D, N, SEEDS, GROUPS = 5, 150, 3, 15
 
@@ -64,6 +64,7 @@ def test_fid_and_kid_equal_torch_fidelity_and_the_replicates_equal_a_recomputati
     their_kid = kid_features_to_metric(torch.tensor(x), torch.tensor(y), kid_subsets=1, kid_subset_size=600,
                                        verbose=False)  # equal sizes: the one subset is the full sets
     assert k == pytest.approx(their_kid["kernel_inception_distance_mean"], rel=1e-9)
+    assert kid(x, y, group, k_yy=reference_kernel_mean(y)) == (k, kid_reps)  # the precomputed reference term
     kept = group != 7
     assert fid_reps[7] == pytest.approx(independent_fid(x[kept], y), rel=1e-9)
     assert kid_reps[7] == pytest.approx(kid(x[kept], y, groups_of(kept.sum(), 2))[0], rel=1e-9)
@@ -82,13 +83,14 @@ def coverage(statistic, truth, rng, trials=300):
 def test_intervals_cover_the_expected_metric_at_their_nominal_rate(metric, reference):
     y, ref = reference
     group = groups_of(N, GROUPS)
+    k_yy = reference_kernel_mean(y)
 
     def statistic(rng):
         f, _ = draw(rng, shift=0.3)
         if metric == "fid":
             return seed_mean_fid(f, ref, group)
         if metric == "kid":
-            per_seed = [kid(s, y, group) for s in f]
+            per_seed = [kid(s, y, group, k_yy=k_yy) for s in f]
             return np.mean([e for e, _ in per_seed]), np.mean([r for _, r in per_seed], axis=0)
         return mean_with_replicates(f[..., 0], group)
 
@@ -96,7 +98,7 @@ def test_intervals_cover_the_expected_metric_at_their_nominal_rate(metric, refer
         if metric == "fid":
             return np.mean([independent_fid(s, y) for s in f])
         if metric == "kid":
-            return np.mean([kid(s, y, groups_of(N, 2))[0] for s in f])
+            return np.mean([kid(s, y, groups_of(N, 2), k_yy=k_yy)[0] for s in f])
         return f[..., 0].mean()
 
     mc = np.random.default_rng(1)

@@ -45,9 +45,7 @@ def load_checkpoint(path, kinds):
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holds arbitrary objects
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); "
-                              f"{_remedy(kinds)} again") from None
+        raise CheckpointError(f"checkpoint {path} {_unreadable(path, err)}; {_remedy(kinds)} again") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a pipeline checkpoint (format_version {FORMAT_VERSION}); "
                               f"{_remedy(kinds)}")
@@ -56,3 +54,16 @@ def load_checkpoint(path, kinds):
             f"checkpoint {path} is of kind {payload.get('kind')!r}; expected one of {sorted(kinds)} "
             f"({', '.join(sorted(writer_of(k) for k in kinds))} writes it)")
     return payload
+
+
+def _unreadable(path, err):
+    """Why torch.load(weights_only=True) refused `path`, in words a user can act on."""
+    import pickle
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return "is not a torch checkpoint (truncated, or another kind of file)"
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        return "holds pickled Python objects, which weights_only loading refuses (never load it with weights_only=False)"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"cannot be read ({type(err).__name__}: {reason})"

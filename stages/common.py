@@ -124,7 +124,8 @@ def load(args, stage):
     try:
         params = load_params(args.params)
     except ConfigError as err:
-        sys.exit(f"invalid params:\n{err}")
+        reasons = str(err)  # one line per bad key, each naming the file and the key
+        sys.exit(f"invalid params: {reasons}" if "\n" not in reasons else f"invalid params:\n{reasons}")
     view = ParamsView(params, [*stage_params(stage), *ALWAYS_READABLE], stage)
     if args.dry_run:
         print(yaml.safe_dump(view.dump(), sort_keys=False))

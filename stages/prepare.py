@@ -6,7 +6,10 @@ def main(args):
     params = common.load(args, "prepare")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.sources import check_source
     from pipeline.distributed import parallel_map
+
+    check_source(params.data.source)  # missing or empty folders fail here, before Ray starts
 
     def ray_map(fn, jobs):
         return parallel_map(fn, [(job,) for job in jobs])

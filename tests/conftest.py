@@ -51,3 +51,14 @@ def ray_address():
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need a CUDA device; without one they are skipped with that reason (shown
+    in the summary), never silently passed. On a GPU machine: `bash bench/gpu_check.sh`."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: torch sees no CUDA device (run bash bench/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

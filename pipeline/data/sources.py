@@ -161,6 +161,21 @@ def load_source(params):
     return LOADERS[params.kind](params)
 
 
+def check_source(params):
+    """The cheap part of loading, before any work starts: the folders exist and hold images,
+    class folders are consistent, pairs match, CIFAR-10's files are there (DataError naming
+    the path). Unreadable images are found when they are read."""
+    if params.kind == "folder":
+        folder_labels(Path(params.path), list_images(params.path))
+    elif params.kind == "paired":
+        match_pairs(params.a, params.b)
+    elif params.kind == "cifar10" and not params.download:
+        batches = Path(params.root) / "cifar-10-batches-py"
+        if not batches.is_dir():
+            raise DataError(f"CIFAR-10 not found: {batches} does not exist (put the python version of "
+                            f"the dataset there, or set data.source.download: true where online)")
+
+
 def split(raw, n_test, seed, n_reference=0):
     """Shuffle with `seed`, then the first n_test samples are test (the evaluated inputs), the
     next n_reference the reference (FID's reference images, disjoint from the inputs), the

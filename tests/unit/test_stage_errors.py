@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.settings import DiffusionTeacherParams, UNetParams
@@ -40,13 +42,30 @@ CASES = {
                           "{tmp}/nofeatures", "--out", "{tmp}/e"], ["nofeatures/info.json is missing", "features"]),
     "report without features": (["report.py", "--evals", "{tmp}/e", "--features", "{tmp}/nofeatures", "--out",
                                  "{tmp}/r"], ["nofeatures/info.json is missing", "features"]),
+    "truncated teacher checkpoint": (["distill.py", "mm", "--teacher", "{tmp}/truncated.pt", "--data", "{tmp}/d",
+                                      "--out", "{tmp}/s.pt"], ["truncated.pt is not a torch checkpoint",
+                                                               "teacher@diffusion"]),
+    "pickled-object checkpoint": (["distill.py", "mm", "--teacher", "{tmp}/pickled.pt", "--data", "{tmp}/d",
+                                   "--out", "{tmp}/s.pt"], ["pickled.pt holds pickled Python objects",
+                                                            "weights_only", "teacher@diffusion"]),
 }
+
+
+class Arbitrary:
+    """An object a checkpoint must not carry (weights_only refuses to unpickle it)."""
+
+
+def bad_files(tmp, ckpt):
+    data = ckpt.read_bytes()
+    (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"format_version": 1, "kind": "teacher_diffusion", "payload": Arbitrary()}, tmp / "pickled.pt")
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_naming_the_file_and_its_stage(case, tmp_path, diffusion_checkpoint):
     args, expected = CASES[case]
     args = [a.format(tmp=tmp_path, ckpt=diffusion_checkpoint) for a in args]
+    bad_files(tmp_path, diffusion_checkpoint)
     out = run_stage(args, tmp_path)
     assert out.returncode == 1, out.stderr
     lines = out.stderr.strip().splitlines()
@@ -57,6 +76,73 @@ def test_bad_input_is_one_line_naming_the_file_and_its_stage(case, tmp_path, dif
     assert not any(p.name in ("t.pt", "s.pt", "e", "r") for p in tmp_path.iterdir())  # nothing written
 
 
+def test_a_bad_params_value_is_one_line_naming_the_file_and_the_key(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["teacher"]["diffusion"]["train"]["lr"] = -1
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "teacher.py"), "diffusion", "--data",
+                          str(tmp_path / "d"), "--out", str(tmp_path / "t.pt"), "--params", str(bad)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"{bad}: teacher.diffusion.train.lr: Input should be greater than 0 (got -1)" in out.stderr
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     args = ["teacher.py", "diffusion", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "t.pt")]
     assert "Traceback" in run_stage([*args, "--debug"], tmp_path).stderr
+
+
+def write_png(path, size=8):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (size, size), 128).save(path)
+
+
+def folders(tmp):
+    """Image folders a user can get wrong, and the source params that point at them."""
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "readme.txt").write_text("no images here")
+    write_png(tmp / "mixed" / "loose.png")
+    write_png(tmp / "mixed" / "cats" / "1.png")
+    for name in ("1", "2"):
+        write_png(tmp / "edges" / f"{name}.png")
+    write_png(tmp / "photos" / "1.png")
+    write_png(tmp / "photos" / "3.png")
+    return {
+        "missing folder": {"kind": "folder", "path": str(tmp / "nowhere")},
+        "no images": {"kind": "folder", "path": str(tmp / "notes")},
+        "loose images beside class folders": {"kind": "folder", "path": str(tmp / "mixed")},
+        "paired names that do not match": {"kind": "paired", "a": str(tmp / "photos"), "b": str(tmp / "edges")},
+        "CIFAR-10 not on disk": {"kind": "cifar10", "root": str(tmp / "cifar")},
+    }
+
+
+DATA_CASES = {
+    "missing folder": "nowhere does not exist",
+    "no images": "notes contains no images",
+    "loose images beside class folders": "mixes class sub-folders with loose images",
+    "paired names that do not match": "have no match in",
+    "CIFAR-10 not on disk": "cifar-10-batches-py does not exist",
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data_source_is_one_line_before_ray_starts(case, tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    source = folders(tmp_path)[case]
+    if source["kind"] in ("folder", "paired"):
+        source.update(image_size=8, channels=1)
+    params["data"]["source"] = source
+    if source["kind"] == "paired":
+        params["corruption"] = {"kind": "paired"}  # y comes from the folder b
+    file = tmp_path / "params.yaml"
+    file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "prepare.py"), "--out", str(tmp_path / "prepared"),
+                          "--params", str(file)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("prepare: ") and DATA_CASES[case] in lines[0], lines[0]
+    assert "Ray" not in out.stdout + out.stderr and not (tmp_path / "prepared").exists()

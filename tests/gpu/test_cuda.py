@@ -1,0 +1,60 @@
+"""The CUDA paths (`gpu` marker; skipped, with the reason, where torch sees no CUDA device):
+bf16 autocast with TF32 and channels_last on a GPU lowers the loss, and a TorchTrainer with
+`use_gpu` trains over NCCL. `bash bench/gpu_check.sh` runs them with the GPU benchmarks."""
+import functools
+
+import pytest
+import torch
+
+from pipeline.settings import ComputeParams, DiffusionTeacherParams, RayParams, TrainParams, UNetParams
+from pipeline.teachers import DataShape, DiffusionTeacherTask
+from pipeline.training import LoopHooks, TrainRun, run_training
+from tests.helpers import square_images
+
+pytestmark = pytest.mark.gpu
+
+SHAPE = DataShape(channels=1, image_size=8, conditional=True)
+FAST = ComputeParams(precision="bf16", tf32=True, channels_last=True)
+
+
+def task():
+    return DiffusionTeacherTask(DiffusionTeacherParams(net=UNetParams(channels=(16, 32), emb_dim=32)), SHAPE)
+
+
+def train_params(steps=90):
+    return TrainParams(steps=steps, batch_size=64, lr=3e-3, warmup_steps=10, log_every=30, checkpoint_every=steps)
+
+
+def test_bf16_tf32_channels_last_training_on_cuda_lowers_the_loss():
+    hooks = LoopHooks(device=torch.device("cuda"), compute=FAST)
+    state = run_training(task(), square_images(512), train_params(), seed=0, hooks=hooks)
+    losses = [m["loss"] for m in hooks.history]
+    assert state["step"] == 90 and losses[-1] < 0.8 * losses[0], losses
+    weights = state["nets"]["denoiser"]
+    assert all(v.device.type == "cuda" and v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert torch.backends.cuda.matmul.allow_tf32
+
+
+def require_nccl(metrics, state, context):
+    """Report hook: fails the worker unless its DDP process group runs on NCCL."""
+    backend = torch.distributed.get_backend()
+    assert backend == "nccl", f"DDP backend is {backend}, not nccl"
+
+
+@pytest.mark.slow
+def test_torch_trainer_with_use_gpu_trains_over_nccl(ray_address, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.distributed import fit
+    from pipeline.tracking import StageRun
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = StageRun(uri, "test", "gpu", {"group": "g", "stage": "teacher"}, {},
+                   artifact_root=(tmp_path / "artifacts").as_uri())
+    workers = min(2, torch.cuda.device_count())
+    scaling = RayParams(num_workers=workers, use_gpu=True, threads_per_worker=1, compute=FAST)
+    state = fit(TrainRun(task(), functools.partial(square_images, 512), train_params(), 0, scaling,
+                         log=run.logger(), hooks=(require_nccl,)), tmp_path / "ray", f"gpu{workers}")
+    assert state["step"] == 90
+    losses = [m.value for m in sorted(MlflowClient(uri).get_metric_history(run.run_id, "train/loss"),
+                                      key=lambda m: m.step)]
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses

@@ -9,12 +9,12 @@ a trial trains what `dvc repro` of that stage would train.
 
 Stage names are DVC's: `features`, `teacher@<name>`, `distill@<method>`.
 """
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from pipeline.data.shards import load_split, load_tensors
+from pipeline.data.shards import load_split
+from pipeline.data.stream import TrainData
 from pipeline.settings import TEACHER_NAMES, RayParams, TrainParams
 from pipeline.training import Task, TrainRun
 
@@ -28,8 +28,12 @@ class TrainingJob:
     tags: dict  # model / method / teacher, for MLflow
 
     def run(self, seed, scaling: RayParams, log=None, hooks=()) -> TrainRun:
-        """This job as a `TrainRun` (`log`: rank 0's metric logger; `hooks`: report hooks)."""
-        return TrainRun(self.task, self.load_data, self.train, seed, scaling, log, tuple(hooks))
+        """This job as a `TrainRun` (`log`: rank 0's metric logger; `hooks`: report hooks);
+        `scaling.buffer_shards` decides whether the workers stream their data."""
+        load = self.load_data
+        if isinstance(load, TrainData):
+            load = replace(load, buffer_shards=scaling.buffer_shards, seed=seed)
+        return TrainRun(self.task, load, self.train, seed, scaling, log, tuple(hooks))
 
 
 def stage_names(params):
@@ -61,7 +65,7 @@ def features_job(feats, data_dir) -> TrainingJob:
         model.load_state_dict(state["ema"]["classifier"])
         save_classifier(path, model, feats.classifier, task.in_channels, task.num_classes)
 
-    return TrainingJob(task, functools.partial(load_tensors, data_dir, "train", ("x0", "label")),
+    return TrainingJob(task, TrainData(str(data_dir), "train", ("x0", "label")),
                        feats.train, write, {"model": "classifier"})
 
 
@@ -81,7 +85,7 @@ def teacher_job(name, teacher, data_dir) -> TrainingJob:
         save_checkpoint(path, f"teacher_{name}", teacher_config(name, teacher, shape),
                         {"denoiser": state["ema"]["denoiser"]})
 
-    return TrainingJob(task, functools.partial(load_tensors, data_dir, "train", ("x0", "y")),
+    return TrainingJob(task, TrainData(str(data_dir), "train", ("x0", "y")),
                        teacher.train, write, {"model": name, "method": "teacher", "teacher": name})
 
 
@@ -95,7 +99,7 @@ def distill_job(method_name, method_params, data_dir, teacher_path) -> TrainingJ
     method = make_method(method_name, method_params,
                          load_teacher(teacher_path, names=(registration(method_name).teacher,)))
     # Only the fields the method trains on (IBMD: corrupted y alone).
-    load_data = functools.partial(load_tensors, data_dir, "train", method.data_keys)
+    load_data = TrainData(str(data_dir), "train", tuple(method.data_keys))
     load_data()  # checks every shard before any worker starts
 
     def write(path, state):

@@ -191,6 +191,9 @@ class RayParams(Params):
     threads_per_worker: int = Field(2, ge=1, le=256)
     max_failures: int = Field(2, ge=0, le=100)  # restarts from the latest checkpoint
     checkpoints_to_keep: int = Field(2, ge=1, le=100)
+    # Training data per worker: null loads the whole split; K streams the worker's share of
+    # the shards, K resident at a time (pipeline.data.stream).
+    buffer_shards: Optional[int] = Field(None, ge=1, le=100_000)
     compute: ComputeParams = ComputeParams()
 
 

@@ -151,7 +151,8 @@ def _trainable(net):
 
 
 def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks = None):
-    """Train `task` on `data` (dict of tensors) for params.steps; return the final training state."""
+    """Train `task` on `data` (a dict of tensors, or a `data.stream.ShardStream`) for
+    params.steps; return the final training state."""
     hooks = hooks or LoopHooks()
     torch.manual_seed(seed)  # identical initial weights on every rank
     device_settings.configure_backends(hooks.compute, hooks.device)
@@ -165,11 +166,13 @@ def run_training(task: Task, data, params: TrainParams, seed, hooks: LoopHooks =
     # A distinct stream per rank (data parallelism) and per resume point.
     generator = torch.Generator().manual_seed(seed * 7919 + hooks.rank * 104_729 + start)
     per_worker = max(1, params.batch_size // hooks.world_size)
+    if hasattr(data, "for_rank"):  # a data.stream.ShardStream: this rank's share of the shards
+        data = data.for_rank(hooks.rank, hooks.world_size)
+    draw = data.batch if hasattr(data, "batch") else (lambda step, *a: sample_batch(data, *a))
     window, tick = [], time.perf_counter()
     for step in range(start, params.steps):
         _set_lr(optimizers, params, step)
-        batch = device_settings.prepare_batch(sample_batch(data, per_worker, generator, hooks.device),
-                                              hooks.compute)
+        batch = device_settings.prepare_batch(draw(step, per_worker, generator, hooks.device), hooks.compute)
         window.append(task.train_step(wrapped, optimizers, batch, generator, params))
         done = step + 1
         task.after_step(nets, done)

@@ -29,7 +29,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import KEY_METRIC_FID
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from pipeline import inception
 from pipeline.classifier import load_classifier
@@ -100,16 +100,7 @@ class ClassifierFeatureExtractor(FeatureExtractorBase):
 
 def register_classifier_extractor():
     """Register "classifier" with torch-fidelity; calling it again is a no-op."""
-    registered = FEATURE_EXTRACTORS_REGISTRY.get(CLASSIFIER)
-    if registered is ClassifierFeatureExtractor:
-        return
-    if registered is None:
-        register_feature_extractor(CLASSIFIER, ClassifierFeatureExtractor)
-    elif registered.__module__ == __name__ and registered.__qualname__ == ClassifierFeatureExtractor.__qualname__:
-        # This module was reloaded: the old class object is ours, replace it.
-        FEATURE_EXTRACTORS_REGISTRY[CLASSIFIER] = ClassifierFeatureExtractor
-    else:
-        raise ValueError(f"torch-fidelity already has a different feature extractor named {CLASSIFIER!r}")
+    inception.register_extractor(CLASSIFIER, ClassifierFeatureExtractor)
 
 
 def _register_extractors():

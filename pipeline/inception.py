@@ -161,16 +161,22 @@ class InceptionFeatureExtractor(FeatureExtractorBase):
         return (self.net(to_network_input(x)),)
 
 
+def register_extractor(name, cls):
+    """Register `cls` with torch-fidelity as `name`; calling it again is a no-op, and a class
+    of the same module and name (the module was reloaded) replaces the old one. pipeline.fid
+    registers its classifier extractor through this too."""
+    registered = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if registered is cls:
+        return
+    if registered is None:
+        register_feature_extractor(name, cls)
+    elif registered.__module__ == cls.__module__ and registered.__qualname__ == cls.__qualname__:
+        FEATURE_EXTRACTORS_REGISTRY[name] = cls
+    else:
+        raise ValueError(f"torch-fidelity already has a different feature extractor named {name!r}")
+
+
 def register_inception_extractor():
     """Register "inception" with torch-fidelity; calling it again is a no-op. Loads nothing:
     the weights are looked up when torch-fidelity builds the extractor."""
-    registered = FEATURE_EXTRACTORS_REGISTRY.get(INCEPTION)
-    if registered is InceptionFeatureExtractor:
-        return
-    if registered is None:
-        register_feature_extractor(INCEPTION, InceptionFeatureExtractor)
-    elif registered.__module__ == __name__ and registered.__qualname__ == InceptionFeatureExtractor.__qualname__:
-        # This module was reloaded: the old class object is ours, replace it.
-        FEATURE_EXTRACTORS_REGISTRY[INCEPTION] = InceptionFeatureExtractor
-    else:
-        raise ValueError(f"torch-fidelity already has a different feature extractor named {INCEPTION!r}")
+    register_extractor(INCEPTION, InceptionFeatureExtractor)

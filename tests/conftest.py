@@ -48,6 +48,14 @@ def ray_address():
     ray.shutdown()
 
 
+def one_torch_thread():
+    """One torch thread for a test (a module opts in as an autouse fixture), then back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

@@ -15,6 +15,7 @@ from pipeline.classifier import (
     save_classifier,
     train_classifier,
 )
+from tests.conftest import one_torch_thread
 
 
 def digits():
@@ -26,12 +27,8 @@ def digits():
     return x[perm], label[perm]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread in every test of this module (tests/conftest.py).
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 def test_reaches_90_percent_on_held_out_digits():

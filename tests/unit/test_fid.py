@@ -14,16 +14,13 @@ from pipeline.fid import (
     fidelity_metrics,
     register_classifier_extractor,
 )
+from tests.conftest import one_torch_thread
 
 KID_SUBSETS = 20  # fewer than the default 100: same behaviour, a fraction of the time
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread in every test of this module (tests/conftest.py).
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,14 @@ from pipeline.inception import (
     register_inception_extractor,
     to_network_input,
 )
+from tests.conftest import one_torch_thread
 
 N = 16  # images per set
 NOISE = (0.05, 0.3)  # Gaussian noise std in [-1, 1] units, added before quantising
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread in every test of this module (tests/conftest.py).
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

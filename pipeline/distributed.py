@@ -101,7 +101,12 @@ def _worker(config):
                       report=report, resume=resume, log=log, compute=run.scaling.compute)
     if resume is not None and log is not None:
         log({"train/resumed_from_step": resume["step"]}, resume["step"])
-    run_training(run.task, run.load_data(), run.train, run.seed, hooks)
+    try:
+        run_training(run.task, run.load_data(), run.train, run.seed, hooks)
+    finally:  # a logger that sends in the background (tracking.MetricLogger) delivers what it holds
+        flush = getattr(log, "flush", None)
+        if flush is not None:
+            flush()
 
 
 def fit(run: TrainRun, storage_path, name, progress=False, callbacks=()):

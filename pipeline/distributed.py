@@ -109,12 +109,14 @@ def _worker(config):
             flush()
 
 
-def fit(run: TrainRun, storage_path, name, progress=False, callbacks=()):
+def fit(run: TrainRun, storage_path, name, progress=False, callbacks=(), partial_ok=False):
     """Train `run` under a TorchTrainer (DDP over `run.scaling.num_workers`, checkpoints in
     `storage_path/name`, restarts from the latest one after a failure); return the final
     training state (plain tensors). `progress` shows a bar of optimiser steps (loss,
     samples/s) on the driver's stderr and changes nothing in the training; `callbacks` are
-    Ray Train callbacks run in the driver (a sweep's reports to Tune)."""
+    Ray Train callbacks run in the driver (a sweep's reports to Tune). A run that ends before
+    its last step (aborted by Ctrl-C) raises TrainingStopped, unless `partial_ok` (a sweep
+    trial that its scheduler stopped early)."""
     # num_cpus=0: the queue's actor must not take a CPU from the workers.
     queue = Queue(actor_options={"num_cpus": 0}) if progress else None
     if queue is not None:
@@ -131,8 +133,19 @@ def fit(run: TrainRun, storage_path, name, progress=False, callbacks=()):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.scaling.checkpoints_to_keep)),
     )
     result = trainer.fit() if queue is None else _fit_showing(trainer, queue, run.train.steps)
+    # Ray Train's own SIGINT handler aborts the run, and fit() then returns the latest
+    # checkpoint as if it were the result: never hand a partial training on as finished.
+    if result.checkpoint is None and not partial_ok:
+        raise TrainingStopped(f"training {name} stopped before its first checkpoint")
     with result.checkpoint.as_directory() as d:
-        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    if int(state["step"]) != run.train.steps and not partial_ok:
+        raise TrainingStopped(f"training {name} stopped at step {state['step']} of {run.train.steps}")
+    return state
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A training run aborted (Ctrl-C) before its last step: the stage must not write it."""
 
 
 def _fit_showing(trainer, queue, steps):

@@ -200,6 +200,8 @@ class RayParams(Params):
 class TrackingParams(Params):
     experiment: str = Field("distillation", min_length=1)
     uri: Optional[str] = None  # None: sqlite:///<project>/mlflow.db; MLFLOW_TRACKING_URI wins
+    # How long a stage retries a tracking server that stops answering (docs/errors.md).
+    retry_s: float = Field(300.0, ge=0.0, le=86_400.0)
 
 
 # --- training (pipeline.training, pipeline.nets, pipeline.classifier) ------

@@ -38,6 +38,8 @@ class QuickEval:
             scores = {"accuracy": self._accuracy(path)} if self.stage == "features" else self._fidelity(path)
         if self.log is not None:
             self.log({f"sweep/{k}": v for k, v in scores.items()}, metrics["step"])
+            if hasattr(self.log, "flush"):  # sent before Tune sees the score: ASHA may stop the trial on it
+                self.log.flush()
         return scores
 
     def _accuracy(self, path):
@@ -118,4 +120,4 @@ def run_trial(setup: TrialSetup, config, trial_id, callbacks):
         score = QuickEval(setup.spec.stage, setup.spec.objective, setup.data_dir, setup.features_dir,
                           params.evaluate.seeds[0], job.write, log=run.logger())
         fit(job.run(params.seed, params.ray, log=run.logger(), hooks=[score]), setup.storage,
-            f"trial-{trial_id}", callbacks=callbacks)
+            f"trial-{trial_id}", callbacks=callbacks, partial_ok=True)  # ASHA may stop it early

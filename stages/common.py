@@ -15,6 +15,7 @@ one line and exit status 1; `--debug` or PIPELINE_DEBUG=1 shows the traceback.
 """
 import argparse
 import os
+import signal
 import sys
 from contextlib import chdir
 from pathlib import Path
@@ -44,8 +45,15 @@ def parse(stage, description, extra=()):
     return parser.parse_args()
 
 
+def _terminate(signum, frame):
+    """SIGTERM (a cluster scheduler, `kill`) unwinds like Ctrl-C: the stage's MLflow run is
+    ended KILLED and nothing half-done is recorded (docs/errors.md, "Interrupted runs")."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(main, args):
     """Run `main(args)`; bad input ends it with one line on stderr and exit status 1."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main(args)
     except PipelineError as err:
@@ -120,7 +128,8 @@ def upstream_stages(stage):
 
 def load(args, stage):
     """The validated params as the DVC stage `stage` may read them (a `ParamsView`); on
-    --dry-run print those keys' values and exit 0. Invalid params exit with one line per key."""
+    --dry-run print those keys' values and exit 0. Invalid params exit with one line per key,
+    an HTTP tracking server that does not answer with one line naming it."""
     try:
         params = load_params(args.params)
     except ConfigError as err:
@@ -130,6 +139,10 @@ def load(args, stage):
     if args.dry_run:
         print(yaml.safe_dump(view.dump(), sort_keys=False))
         sys.exit(0)
+    uri = tracking_uri(view)
+    if uri.startswith(("http://", "https://")):  # a server that is down: one line, before Ray starts
+        from pipeline.tracking import check_reachable
+        check_reachable(uri)
     return view
 
 
@@ -173,4 +186,5 @@ def stage_run(params, args, stage, model="", method="", teacher="", extra_tags=N
             "git_commit": git_commit(PROJECT), "params_hash": params_hash(dumped),
             "group": run_group(args.params), **(extra_tags or {})}
     return StageRun(tracking_uri(params), params.tracking.experiment, f"{stage}@{model}" if model else stage,
-                    tags, dumped, artifact_root=(PROJECT / "mlartifacts").as_uri())
+                    tags, dumped, artifact_root=(PROJECT / "mlartifacts").as_uri(),
+                    retry_s=params.tracking.retry_s)

@@ -1,16 +1,19 @@
 """The smoke project shared by the integration modules: one `dvc repro` of the smoke
 profile in a temporary copy of the project (a git repo with dvc.lock committed, so
-`dvc exp` has a baseline), on the session's Ray cluster through RAY_ADDRESS."""
+`dvc exp` has a baseline), on the session's Ray cluster through RAY_ADDRESS, tracked by a
+real `mlflow server` (SQLite backend, 127.0.0.1) through MLFLOW_TRACKING_URI."""
 import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import ROOT, smoke_params
+from tests.mlflow_server import MlflowServer
 
 COPIED = ["pipeline", "stages", "sweeps", "notebooks", "pretrained", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
           ".dvc/plots", ".dvcignore", "pyproject.toml"]
@@ -23,8 +26,22 @@ def sh(cmd, cwd, env, check=True):
     return out
 
 
+def copy_project(source, dest):
+    """A copy of the smoke project (git, DVC cache and outputs) that a test may break,
+    without Ray's results or DVC's scratch folder (locks, queue state)."""
+    shutil.copytree(source, dest, symlinks=True, ignore=lambda d, names: [
+        n for n in names if n == "ray_results" or (Path(d).name == ".dvc" and n == "tmp")])
+    return dest
+
+
 @pytest.fixture(scope="session")
-def project(tmp_path_factory, ray_address):
+def mlflow_server(tmp_path_factory):
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory, ray_address, mlflow_server):
     root = tmp_path_factory.mktemp("project")
     for name in COPIED:
         src, dst = ROOT / name, root / name
@@ -38,7 +55,7 @@ def project(tmp_path_factory, ray_address):
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "smoke",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
     sh("git init -q && git add -A && git commit -qm smoke", root, env)
     tick = time.perf_counter()
     sh("dvc repro", root, env)

@@ -4,13 +4,14 @@ table and best configuration, resumes instead of starting over, and its `dvc exp
 command reproduces the best trial in the pipeline, which `dvc exp show` and
 `dvc plots diff` then compare."""
 import json
+import time
 
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.integration.conftest import sh
+from tests.integration.conftest import copy_project, sh
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +29,8 @@ def ran_stages(stdout):
     return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
 
 
-def sweep_runs(root):
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+def sweep_runs(env):
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("distillation")
     parent = client.search_runs([exp.experiment_id], f"tags.stage = 'sweep' and tags.sweep = '{SWEEP}'")
     trials = client.search_runs([exp.experiment_id], f"tags.stage = 'sweep_trial' and tags.sweep = '{SWEEP}'")
@@ -53,8 +54,8 @@ def test_sweep_writes_trials_and_the_best_configuration(sweep):
 
 
 def test_sweep_is_a_parent_run_with_one_child_per_trial(sweep):
-    root, _, _ = sweep
-    client, parents, trials = sweep_runs(root)
+    root, env, _ = sweep
+    client, parents, trials = sweep_runs(env)
     assert len(parents) == 1 and len(trials) == 2
     parent = parents[0]
     table = pd.read_csv(root / "results" / "sweeps" / SWEEP / "trials.csv")
@@ -77,7 +78,7 @@ def test_running_a_finished_sweep_again_resumes_it(sweep):
     sh(f"python stages/sweep.py sweeps/{SWEEP}.yaml", root, env)
     after = pd.read_csv(root / "results" / "sweeps" / SWEEP / "trials.csv")
     assert sorted(after["trial_id"]) == sorted(before["trial_id"])  # restored, not rerun
-    _, parents, trials = sweep_runs(root)
+    _, parents, trials = sweep_runs(env)
     assert len(parents) == 1 and len(trials) == 2
 
 
@@ -129,3 +130,36 @@ def _experiments(shown):
                 if rev.get("name"):
                     found[rev["name"]] = rev
     return found
+
+
+@pytest.mark.faults
+def test_two_queued_experiments_run_side_by_side(project, tmp_path):
+    """`dvc exp run --queue` twice, then two DVC queue workers at once (in a copy of the smoke
+    project): both complete, `dvc exp show` lists both with their metrics, and MLflow (the
+    smoke chain's server) holds every stage run of both, each FINISHED."""
+    source, env = project
+    root = copy_project(source, tmp_path / "project")
+    env = {k: v for k, v in env.items() if k != "PIPELINE_RUN_GROUP"}  # a group per experiment: commit + params
+    names = {"q-lr-small": 3e-4, "q-lr-large": 2e-3}
+    for name, lr in names.items():
+        sh(f"dvc exp run --queue --name {name} -S distill.tdd.train.lr={lr}", root, env)
+    sh("dvc queue start -j 2", root, env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = sh("dvc queue status", root, env).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(5)
+    sh("dvc queue stop --kill", root, env, check=False)
+    assert "Failed" not in status and status.count("Success") == 2, status
+    experiments = _experiments(json.loads(sh("dvc exp show --json", root, env).stdout))
+    assert set(names) <= set(experiments), sorted(experiments)
+    for name, lr in names.items():
+        data = experiments[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["distill"]["tdd"]["train"]["lr"] == lr
+        assert data["metrics"]["results/eval/tdd/metrics.json"]["data"]["student"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("distillation")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'distill' and tags.model = 'tdd'")
+    lrs = {float(r.data.params["distill.tdd.train.lr"]): r.info.status for r in runs}
+    assert {lrs.get(lr) for lr in names.values()} == {"FINISHED"}, lrs

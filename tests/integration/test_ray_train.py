@@ -1,6 +1,7 @@
 """The training loop under Ray Train: DDP with 1 and 2 workers, MLflow logging from
 rank 0, and recovery from the latest checkpoint after a worker dies."""
 import functools
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -43,14 +44,19 @@ def test_torch_trainer_lowers_the_loss(ray_address, tmp_path, workers):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.faults
 def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_address, tmp_path):
     run, client = start_run(tmp_path)
     train = TrainParams(steps=60, batch_size=16, lr=3e-3, log_every=10, checkpoint_every=20)
     scaling = RayParams(num_workers=1, threads_per_worker=1, max_failures=1)
+    tick = time.perf_counter()
     state = fit(TrainRun(TASK, functools.partial(toy_data, 64), train, 0, scaling, log=run.logger(),
                          hooks=(CrashOnce(step=30),)), tmp_path / "ray", "resume")
+    seconds = time.perf_counter() - tick
     assert state["step"] == 60
     resumed = client.get_metric_history(run.run_id, "train/resumed_from_step")
     assert [m.value for m in resumed] == [20.0]  # the last checkpoint before the crash at 30
     steps = sorted({m.step for m in client.get_metric_history(run.run_id, "train/loss")})
     assert steps == [10, 20, 30, 40, 50, 60]  # 30 is logged by the first attempt, then again
+    print(f"fault: worker process killed at step 30 of 60 | resumed from step 20, steps lost 10 "
+          f"(checkpoint_every {train.checkpoint_every}) | fit {seconds:.1f} s in all | outputs lost 0")

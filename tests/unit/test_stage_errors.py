@@ -1,5 +1,6 @@
 """Bad input to a stage ends it with one line naming the file and the stage that makes it,
 exit status 1 and no traceback (which --debug brings back), before Ray starts."""
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,9 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.settings import DiffusionTeacherParams, UNetParams
 from pipeline.teachers import DataShape, DiffusionTeacherTask, teacher_config
 from tests.conftest import ROOT
+from tests.mlflow_server import free_port
+
+pytestmark = pytest.mark.faults  # every user error, one line
 
 
 def run_stage(args, cwd):
@@ -146,3 +150,19 @@ def test_bad_data_source_is_one_line_before_ray_starts(case, tmp_path):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith("prepare: ") and DATA_CASES[case] in lines[0], lines[0]
     assert "Ray" not in out.stdout + out.stderr and not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize("stage", [["teacher.py", "diffusion", "--data", "{tmp}/d", "--out", "{tmp}/t.pt"],
+                                   ["evaluate.py", "mm", "--model", "{tmp}/mm.pt", "--data", "{tmp}/d",
+                                    "--features", "{tmp}/f", "--out", "{tmp}/e"]])
+def test_a_tracking_server_that_is_down_is_one_line_before_ray_starts(stage, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = [a.format(tmp=tmp_path) for a in stage]
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / args[0]), *args[1:], "--params",
+                          str(ROOT / "params.yaml")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"MLflow tracking server {uri} is not reachable" in lines[0] and "MLFLOW_TRACKING_URI" in lines[0]
+    assert "Ray" not in out.stdout + out.stderr and not list(tmp_path.iterdir())  # nothing started or written

@@ -5,8 +5,10 @@ The default diffusion teacher's training step (MNIST shape, params.yaml) runs in
 `run_training` loop three ways in this process, alternated `--repeats` times: without a
 logger, with a synchronous logger, and with `MetricLogger`. Each `log_batch` request is
 delayed by `--delay` seconds before it goes to a local SQLite store (a server that takes
-that long to answer). Prints the loop's steps/s in each mode and its ratio to the run
-without a logger (target: the background logger within a few per cent of 1).
+that long to answer). Prints the loop's steps/s in each mode, its ratio to the run without
+a logger (target: the background logger within a few per cent of 1), and the share of the
+loop's time spent inside the logger's calls: the direct cost to training, which, unlike
+the steps/s ratio, does not move with other load on the machine.
 
     python bench/slow_tracking.py [--steps 120] [--log-every 10] [--delay 1.0] [--repeats 2]
 """
@@ -50,13 +52,27 @@ class SyncLogger:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+class Timed:
+    """A logger wrapper that adds up the seconds the loop spends inside its calls."""
+
+    def __init__(self, log):
+        self.log, self.seconds = log, 0.0
+
+    def __call__(self, metrics, step):
+        tick = time.perf_counter()
+        self.log(metrics, step)
+        self.seconds += time.perf_counter() - tick
+
+
 def steps_per_sec(task, data, train, log):
+    """(steps/s of the loop, share of its time spent inside `log` calls)."""
+    timed = Timed(log) if log is not None else None
     tick = time.perf_counter()
-    run_training(task, data, train, 0, LoopHooks(log=log))
+    run_training(task, data, train, 0, LoopHooks(log=timed))
     seconds = time.perf_counter() - tick
     if hasattr(log, "flush"):
         log.flush()  # delivered after the loop: not part of its time, as in a Ray worker's end
-    return train.steps / seconds
+    return train.steps / seconds, (timed.seconds / seconds if timed else 0.0)
 
 
 def main():
@@ -88,13 +104,13 @@ def main():
             results["synchronous log_batch"].append(steps_per_sec(task, data, train, SyncLogger(uri, run.run_id)))
             results["MetricLogger (background)"].append(
                 steps_per_sec(task, data, train, MetricLogger(uri, run.run_id)))
-    base = statistics.median(results["no logger"])
+    base = statistics.median(s for s, _ in results["no logger"])
     print(f"{args.steps} steps, a log every {args.log_every}, {args.delay:g} s per log_batch request, "
           f"{args.threads} threads, median of {args.repeats}:")
-    print(f"{'mode':28s} {'steps/s':>8s} {'ratio to no logger':>19s}")
-    for mode, speeds in results.items():
-        speed = statistics.median(speeds)
-        print(f"{mode:28s} {speed:8.3f} {speed / base:19.3f}")
+    print(f"{'mode':28s} {'steps/s':>8s} {'ratio to no logger':>19s} {'share in log calls':>19s}")
+    for mode, runs in results.items():
+        speed, share = statistics.median(s for s, _ in runs), statistics.median(f for _, f in runs)
+        print(f"{mode:28s} {speed:8.3f} {speed / base:19.3f} {share:19.3%}")
 
 
 if __name__ == "__main__":

@@ -129,16 +129,16 @@ def _alive(pid):
     return True
 
 
-def end_dead_runs(client, exp_id, tags):
-    """Mark KILLED the RUNNING runs of this stage (same group, stage and model) whose process
-    on this host is gone: a stage killed with SIGKILL (or a lost machine) cannot end its own
-    run, so the next execution of the stage does. Returns their ids."""
+def end_dead_runs(client, exp_id):
+    """Mark KILLED the RUNNING runs of this experiment started on this host whose process is
+    gone: a stage killed with SIGKILL (or a lost machine) cannot end its own run, so the
+    next stage that starts on the host does, whatever its group (a rerun after a params
+    change has a new one). Runs of other hosts are left alone: their pids mean nothing
+    here. Returns their ids."""
     found = client.search_runs([exp_id], filter_string=(
-        f"tags.{GROUP_TAG} = '{tags[GROUP_TAG]}' and tags.stage = '{tags.get('stage', '')}' "
-        "and attributes.status = 'RUNNING'"))
+        f"tags.host = '{socket.gethostname()}' and attributes.status = 'RUNNING'"))
     dead = [r.info.run_id for r in found
-            if r.data.tags.get("model", "") == tags.get("model", "") and r.data.tags.get("host") == socket.gethostname()
-            and r.data.tags.get("pid", "").isdigit() and not _alive(int(r.data.tags["pid"]))]
+            if r.data.tags.get("pid", "").isdigit() and not _alive(int(r.data.tags["pid"]))]
     for run_id in dead:
         client.set_terminated(run_id, "KILLED")
     return dead
@@ -219,7 +219,7 @@ class StageRun(_Run):
         client = MlflowClient(tracking_uri=uri)
         exp_id = _experiment_id(client, experiment, artifact_root)
         parent = _group_parent(client, exp_id, tags[GROUP_TAG])
-        self.ended_dead_runs = end_dead_runs(client, exp_id, tags)
+        self.ended_dead_runs = end_dead_runs(client, exp_id)
         tags = {**tags, "mlflow.parentRunId": parent, "host": socket.gethostname(), "pid": str(os.getpid())}
         super().__init__(client, client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, uri,
                          retry_s)

@@ -6,6 +6,7 @@ Stage subprocesses join it through RAY_ADDRESS, which saves a Ray start per
 stage.
 """
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,25 @@ def ray_address():
              runtime_env={"env_vars": dict(RAY_ENV)})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def idle_cluster(ray_address):
+    """The session's cluster once every CPU is free again. Stage processes of earlier tests
+    joined it, and their workers and placement groups go away shortly after those processes
+    end; a Ray Train job started before then would wait for CPUs. Waits at most 120 s, then
+    fails naming the placement groups that still hold resources."""
+    import ray
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return ray_address
+        time.sleep(0.5)
+    held = {pg_id: (pg["state"], pg["bundles"]) for pg_id, pg in ray.util.placement_group_table().items()
+            if pg["state"] != "REMOVED"}
+    pytest.fail(f"the test cluster still has {ray.available_resources().get('CPU', 0)} of "
+                f"{ray.cluster_resources().get('CPU', 0)} CPUs free after 120 s; placement groups: {held}")
 
 
 def one_torch_thread():

@@ -161,14 +161,36 @@ def load_source(params):
     return LOADERS[params.kind](params)
 
 
+def check_headers(files, image_size):
+    """Every file opens as an image at least `image_size` on its shorter side (PIL reads only
+    the header): a file with an image suffix that is not one, or an image that would have
+    to be upsampled, is a DataError naming it. Larger images of any size and aspect are
+    fine: each is centre-cropped and resized (`read_image`). Files without an image suffix
+    (notes, .DS_Store) are ignored by `list_images`."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"{path} is not a readable image ({type(e).__name__}); remove it or "
+                            "replace it") from e
+        if min(width, height) < image_size:
+            raise DataError(f"{path} is {width}x{height}, smaller than data.source.image_size "
+                            f"{image_size}; remove it or lower image_size (images are never upsampled)")
+
+
 def check_source(params):
     """The cheap part of loading, before any work starts: the folders exist and hold images,
-    class folders are consistent, pairs match, CIFAR-10's files are there (DataError naming
-    the path). Unreadable images are found when they are read."""
+    class folders are consistent, pairs match, every image file opens and is large enough
+    (`check_headers`), CIFAR-10's files are there (DataError naming the path)."""
     if params.kind == "folder":
-        folder_labels(Path(params.path), list_images(params.path))
+        files = list_images(params.path)
+        folder_labels(Path(params.path), files)
+        check_headers(files, params.image_size)
     elif params.kind == "paired":
-        match_pairs(params.a, params.b)
+        check_headers([f for pair in match_pairs(params.a, params.b) for f in pair], params.image_size)
     elif params.kind == "cifar10" and not params.download:
         batches = Path(params.root) / "cifar-10-batches-py"
         if not batches.is_dir():

@@ -30,7 +30,7 @@ def start_run(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_torch_trainer_lowers_the_loss(ray_address, tmp_path, workers):
+def test_torch_trainer_lowers_the_loss(idle_cluster, tmp_path, workers):
     run, client = start_run(tmp_path)
     train = TrainParams(steps=90, batch_size=32, lr=3e-3, warmup_steps=10, log_every=30,
                         checkpoint_every=90)
@@ -45,7 +45,7 @@ def test_torch_trainer_lowers_the_loss(ray_address, tmp_path, workers):
 
 
 @pytest.mark.faults
-def test_resumes_from_checkpoint_after_a_worker_is_killed(ray_address, tmp_path):
+def test_resumes_from_checkpoint_after_a_worker_is_killed(idle_cluster, tmp_path):
     run, client = start_run(tmp_path)
     train = TrainParams(steps=60, batch_size=16, lr=3e-3, log_every=10, checkpoint_every=20)
     scaling = RayParams(num_workers=1, threads_per_worker=1, max_failures=1)

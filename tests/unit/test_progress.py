@@ -63,7 +63,7 @@ TASK = DiffusionTeacherTask(DiffusionTeacherParams(net=UNetParams(channels=(8,),
 
 
 @pytest.mark.slow
-def test_fit_shows_rank_0_reports_in_the_driver_and_trains_the_same(ray_address, tmp_path, monkeypatch):
+def test_fit_shows_rank_0_reports_in_the_driver_and_trains_the_same(idle_cluster, tmp_path, monkeypatch):
     from pipeline.distributed import fit
     bars, steps, out = [], [], io.StringIO()
     bar, show_training = progress.bar, progress.show_training
@@ -97,7 +97,7 @@ def square(i):
 
 
 @pytest.mark.slow
-def test_parallel_map_calls_on_done_once_per_job_and_keeps_job_order(ray_address):
+def test_parallel_map_calls_on_done_once_per_job_and_keeps_job_order(idle_cluster):
     from pipeline.distributed import parallel_map
     finished = []
     assert parallel_map(square, [(i,) for i in range(5)], on_done=finished.append) == [0, 1, 4, 9, 16]

@@ -1,6 +1,7 @@
 """Bad input to a stage ends it with one line naming the file and the stage that makes it,
 exit status 1 and no traceback (which --debug brings back), before Ray starts."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -166,3 +167,134 @@ def test_a_tracking_server_that_is_down_is_one_line_before_ray_starts(stage, tmp
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert f"MLflow tracking server {uri} is not reachable" in lines[0] and "MLFLOW_TRACKING_URI" in lines[0]
     assert "Ray" not in out.stdout + out.stderr and not list(tmp_path.iterdir())  # nothing started or written
+
+
+def failed_in_one_line(out, prefix, *expected):
+    """Exit status 1 and one stderr line, starting `prefix` and holding each expected text."""
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(prefix), lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert "Ray" not in out.stdout + out.stderr  # failed before Ray started
+    return lines[0]
+
+
+def set_key(path, value):
+    def edit(params):
+        *parents, last = path.split(".")
+        section = params
+        for key in parents:
+            section = section[key]
+        section[last] = value
+    return edit
+
+
+PARAMS_CASES = {  # an edit of params.yaml, and what the line says
+    "unknown key": (set_key("teacher.diffusion.train.learning_rate", 1e-3),
+                    ["teacher.diffusion.train.learning_rate", "Extra inputs are not permitted"]),
+    "wrong type": (set_key("teacher.diffusion.train.steps", "many"),
+                   ["teacher.diffusion.train.steps", "valid integer", "(got 'many')"]),
+    "out of range": (set_key("teacher.diffusion.train.lr", -1),
+                     ["teacher.diffusion.train.lr", "greater than 0", "(got -1)"]),
+}
+
+
+@pytest.mark.parametrize("case", PARAMS_CASES)
+def test_a_bad_params_key_type_or_range_is_one_line(case, tmp_path):
+    edit, expected = PARAMS_CASES[case]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(params)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "teacher.py"), "diffusion", "--data",
+                          str(tmp_path / "d"), "--out", str(tmp_path / "t.pt"), "--params", str(bad)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    failed_in_one_line(out, "invalid params: ", str(bad), *expected)
+    assert not (tmp_path / "t.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small prepared data set (8x8 digits, 2x super-resolution), made in this process."""
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.settings import DigitsSource, SuperResolution
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare_dataset(DigitsSource(), SuperResolution(factor=2), 100, 400, 0, out, n_reference=200)
+    return out
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+SHARD_CASES = {  # what happens to train-00001.pt, and what the line says
+    "missing shard": (lambda p: p.unlink(), "listed in the manifest is missing"),
+    "truncated shard": (truncate, "does not match its checksum (truncated or edited)"),
+    "edited shard": (edit_last_byte, "does not match its checksum (truncated or edited)"),
+}
+
+
+@pytest.mark.parametrize("case", SHARD_CASES)
+def test_a_bad_shard_is_one_line_and_the_earlier_output_is_kept(case, tmp_path, prepared):
+    break_it, expected = SHARD_CASES[case]
+    data = tmp_path / "prepared"
+    shutil.copytree(prepared, data)
+    break_it(data / "train-00001.pt")
+    earlier = tmp_path / "t.pt"
+    earlier.write_bytes(b"the checkpoint of an earlier run")
+    out = run_stage(["teacher.py", "diffusion", "--data", str(data), "--out", str(earlier)], tmp_path)
+    failed_in_one_line(out, "teacher: ", str(data / "train-00001.pt"), expected, "dvc repro -f prepare")
+    assert earlier.read_bytes() == b"the checkpoint of an earlier run"  # nothing produced is lost
+
+
+def bad_images(tmp):
+    write_png(tmp / "small" / "big.png", size=12)
+    write_png(tmp / "small" / "tiny.png", size=4)
+    write_png(tmp / "fake" / "1.png")
+    (tmp / "fake" / "2.png").write_text("a text file named like an image")
+    (tmp / "fake" / "notes.txt").write_text("files without an image suffix are ignored")
+    return {
+        "an image smaller than image_size": ({"kind": "folder", "path": str(tmp / "small")},
+                                             ["tiny.png is 4x4, smaller than data.source.image_size 8"]),
+        "a non-image file named .png": ({"kind": "folder", "path": str(tmp / "fake")},
+                                        ["2.png is not a readable image"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["an image smaller than image_size", "a non-image file named .png"])
+def test_a_bad_image_file_is_one_line_before_ray_starts(case, tmp_path):
+    source, expected = bad_images(tmp_path)[case]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = {**source, "image_size": 8, "channels": 1}
+    file = tmp_path / "params.yaml"
+    file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "prepare.py"), "--out", str(tmp_path / "prepared"),
+                          "--params", str(file)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    failed_in_one_line(out, "prepare: ", *expected)
+    assert not (tmp_path / "prepared").exists()
+
+
+SWEEP_CASES = {  # a space of the tiny sweep, and what the line says
+    "a key that is not in params": ({"distill.cd.train.lrr": {"grid": [1e-4]}}, ["distill.cd.train.lrr"]),
+    "a value out of range": ({"distill.cd.ema_mu": {"grid": [0.9, 1.5]}}, ["distill.cd.ema_mu=1.5"]),
+}
+
+
+@pytest.mark.parametrize("case", SWEEP_CASES)
+def test_a_bad_sweep_file_is_one_line_naming_the_file_and_key(case, tmp_path):
+    space, expected = SWEEP_CASES[case]
+    spec = yaml.safe_load((ROOT / "sweeps" / "tiny_cd_lr.yaml").read_text())
+    spec["space"] = space
+    file = tmp_path / "bad_sweep.yaml"
+    file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = run_stage(["sweep.py", str(file), "--out", str(tmp_path / "out")], tmp_path)
+    failed_in_one_line(out, "sweep: ", str(file), *expected)
+    assert not (tmp_path / "out").exists()

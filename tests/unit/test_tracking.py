@@ -6,6 +6,7 @@ import pickle
 import subprocess
 
 import pytest
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -146,12 +147,16 @@ def test_interrupted_runs_end_killed_and_a_dead_stage_run_is_ended_by_the_next(t
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer exists: a stage killed with SIGKILL
-    killed = StageRun(uri, "e", "teacher@diffusion", tags, {}, artifact_root=root)
-    client.set_tag(killed.run_id, "pid", str(gone.pid))
     alive = StageRun(uri, "e", "teacher@bridge", {**tags, "model": "bridge"}, {}, artifact_root=root)
+    killed = StageRun(uri, "e", "teacher@diffusion", tags, {}, artifact_root=root)
+    elsewhere = StageRun(uri, "e", "teacher@diffusion", tags, {}, artifact_root=root)
+    client.set_tag(killed.run_id, "pid", str(gone.pid))
+    client.log_batch(elsewhere.run_id, tags=[RunTag("pid", str(gone.pid)), RunTag("host", "another-host")])
     assert client.get_run(killed.run_id).info.status == "RUNNING"
-    again = StageRun(uri, "e", "teacher@diffusion", tags, {}, artifact_root=root)
+    # the next stage to start, in another group (a rerun after a params change)
+    again = StageRun(uri, "e", "report", {"group": "g2", "stage": "report"}, {}, artifact_root=root)
     assert again.ended_dead_runs == [killed.run_id]
     assert client.get_run(killed.run_id).info.status == "KILLED"
-    assert client.get_run(alive.run_id).info.status == "RUNNING"  # another stage, its process alive
+    assert client.get_run(alive.run_id).info.status == "RUNNING"  # its process is alive
+    assert client.get_run(elsewhere.run_id).info.status == "RUNNING"  # its pid is another host's
     assert client.get_run(again.run_id).data.tags["pid"] == str(os.getpid())

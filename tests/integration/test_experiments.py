@@ -12,6 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.integration.conftest import copy_project, sh
+from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -135,11 +136,18 @@ def _experiments(shown):
 @pytest.mark.faults
 def test_two_queued_experiments_run_side_by_side(project, tmp_path):
     """`dvc exp run --queue` twice, then two DVC queue workers at once (in a copy of the smoke
-    project): both complete, `dvc exp show` lists both with their metrics, and MLflow (the
-    smoke chain's server) holds every stage run of both, each FINISHED."""
+    project): both complete, `dvc exp show` lists both with their metrics, and one MLflow
+    server (its own: these runs must not become the newest group of the smoke chain's) holds
+    every stage run of both, each FINISHED."""
     source, env = project
     root = copy_project(source, tmp_path / "project")
-    env = {k: v for k, v in env.items() if k != "PIPELINE_RUN_GROUP"}  # a group per experiment: commit + params
+    with MlflowServer(tmp_path / "server") as server:
+        # a group per experiment (commit + params), both on one server
+        env = {**{k: v for k, v in env.items() if k != "PIPELINE_RUN_GROUP"}, "MLFLOW_TRACKING_URI": server.uri}
+        run_two_queued_experiments(root, env)
+
+
+def run_two_queued_experiments(root, env):
     names = {"q-lr-small": 3e-4, "q-lr-large": 2e-3}
     for name, lr in names.items():
         sh(f"dvc exp run --queue --name {name} -S distill.tdd.train.lr={lr}", root, env)

@@ -107,6 +107,11 @@ def retrying(call, retry_s, what, uri):
             wait = min(2 * wait, 10.0)
 
 
+def chunks(metrics):
+    """`metrics` in lists of at most MAX_METRICS, as one log_batch call takes them."""
+    return [metrics[i:i + MAX_METRICS] for i in range(0, len(metrics), MAX_METRICS)]
+
+
 def _first_line(err):
     text = str(err).strip().splitlines()
     return text[0][:200] if text else ""
@@ -182,10 +187,8 @@ class _Run:
                                                      "nfe": ",".join(str(r["nfe"]) for r in curve)})
             with child:
                 now = int(time.time() * 1000)
-                batch = [Metric(m, float(r[m]), now, int(r["nfe"])) for r in curve for m in metrics]
-                for i in range(0, len(batch), MAX_METRICS):
-                    child._call("logging the FID curves", child.client.log_batch, child.run_id,
-                                metrics=batch[i:i + MAX_METRICS])
+                for part in chunks([Metric(m, float(r[m]), now, int(r["nfe"])) for r in curve for m in metrics]):
+                    child._call("logging the FID curves", child.client.log_batch, child.run_id, metrics=part)
 
     def log_artifact(self, path, artifact_path=None):
         self._call(f"uploading {Path(path).name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -306,15 +309,14 @@ class MetricLogger:
             batches = [self._queue.get()]
             while not self._queue.empty() and sum(map(len, batches)) < MAX_METRICS:
                 batches.append(self._queue.get())
-            batch = [m for b in batches for m in b]
+            unsent = sum(map(len, batches))
             try:
-                while batch:
-                    part, rest = batch[:MAX_METRICS], batch[MAX_METRICS:]
+                for part in chunks([m for b in batches for m in b]):
                     retrying(lambda p=part: client.log_batch(self.run_id, metrics=p), self.retry_s,
                              "logging training metrics", self.uri)
-                    self.sent, batch = self.sent + len(part), rest
+                    self.sent, unsent = self.sent + len(part), unsent - len(part)
             except TrackingError as err:
-                self.dropped += len(batch)
+                self.dropped += unsent
                 print(f"warning: {err}; {self.dropped} metrics of run {self.run_id} dropped", file=sys.stderr)
             finally:
                 for _ in batches:

@@ -74,6 +74,9 @@ class PipelineBase(Params):
             raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
                              "remove the bridge's students from distill.methods or choose a corruption")
         self.corruption.check(shape)
+        if self.teacher.diffusion.pretrained is not None and self.corruption.class_conditional:
+            raise ValueError("teacher.diffusion.pretrained: a pretrained diffusers teacher is unconditional; "
+                             "set corruption.labels: false")
         if self.teacher.diffusion.pretrained is not None and self.corruption.conditional:
             raise ValueError("teacher.diffusion.pretrained: a pretrained diffusers teacher is unconditional; "
                              f"set corruption.kind: none (got {self.corruption.kind!r})")

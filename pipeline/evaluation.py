@@ -94,20 +94,28 @@ def sample_shard(job: ShardJob):
     """{(sampler, nfe, seed): (samples (n, C, H, W) clipped, seconds)} for one shard."""
     torch.set_num_threads(job.threads)
     model = load_model(job.model_path)
-    y_all = load_split(job.data_dir, "test").y[job.start:job.stop]
+    test = load_split(job.data_dir, "test")
+    # The condition: y (image-conditional), the requested labels (class-conditional: the labels
+    # of the evaluated inputs), or None; the sample shape is x0's.
+    cond = None if test.condition is None else test.condition[job.start:job.stop]
+    shape, n = test.x0.shape[1:], job.stop - job.start
+
+    def part(lo, hi):
+        return None if cond is None else cond[lo:hi]
+
     out = {}
     for name, nfe in job.plan:
-        warm = y_all[:WARMUP]  # first calls pay one-off costs (allocations, kernels): untimed
+        warm = min(WARMUP, n)  # first calls pay one-off costs (allocations, kernels): untimed
         with torch.no_grad():
-            model.sample(name, warm, SeededNoise([0] * len(warm), warm.shape[1:]), nfe, job.guidance, job.grid)
+            model.sample(name, part(0, warm), SeededNoise([0] * warm, shape), nfe, job.guidance, job.grid)
         chunks, seconds = [], 0.0
-        for lo in range(0, len(y_all), job.batch_size):
-            y = y_all[lo:lo + job.batch_size]
+        for lo in range(0, n, job.batch_size):
+            hi = min(lo + job.batch_size, n)
             first = job.start + lo
-            noise = SeededNoise(sample_seeds(job.seed, range(first, first + len(y))), y.shape[1:])
+            noise = SeededNoise(sample_seeds(job.seed, range(first, job.start + hi)), shape)
             tick = time.perf_counter()
             with torch.no_grad():
-                x, used = model.sample(name, y, noise, nfe, job.guidance, job.grid)
+                x, used = model.sample(name, part(lo, hi), noise, nfe, job.guidance, job.grid)
             seconds += time.perf_counter() - tick
             assert used == nfe, f"{name}: planned {nfe} NFE, the sampler spent {used}"
             chunks.append(x.clamp(-1, 1))

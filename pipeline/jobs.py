@@ -78,14 +78,16 @@ def teacher_job(name, teacher, data_dir) -> TrainingJob:
                          "(stages/teacher.py writes the pretrained checkpoint)")
     train = load_split(data_dir, "train")
     shape = DataShape(channels=train.x0.shape[1], image_size=train.x0.shape[-1],
-                      conditional=train.conditional)
+                      conditional=train.conditional,
+                      classes=train.num_classes if train.class_conditional else 0)
     task = TEACHERS[name][1](teacher, shape)
 
     def write(path, state):
         save_checkpoint(path, f"teacher_{name}", teacher_config(name, teacher, shape),
                         {"denoiser": state["ema"]["denoiser"]})
 
-    return TrainingJob(task, TrainData(str(data_dir), "train", ("x0", "y")),
+    keys = ("x0", "y", "label") if shape.classes else ("x0", "y")
+    return TrainingJob(task, TrainData(str(data_dir), "train", keys),
                        teacher.train, write, {"model": name, "method": "teacher", "teacher": name})
 
 
@@ -99,7 +101,7 @@ def distill_job(method_name, method_params, data_dir, teacher_path) -> TrainingJ
     method = make_method(method_name, method_params,
                          load_teacher(teacher_path, names=(registration(method_name).teacher,)))
     # Only the fields the method trains on (IBMD: corrupted y alone).
-    load_data = TrainData(str(data_dir), "train", tuple(method.data_keys))
+    load_data = TrainData(str(data_dir), "train", method.train_keys)
     load_data()  # checks every shard before any worker starts
 
     def write(path, state):

@@ -222,7 +222,7 @@ class DiffusersDenoiser(nn.Module):
     """D(x, sigma, y=None, keep=None): the `EDMDenoiser` interface around a `VPNet`.
     `arch` is the JSON-like description that rebuilds it (`build_denoiser`)."""
 
-    conditional = False
+    conditional, classes = False, 0
 
     def __init__(self, net: VPNet, schedule: EDMSchedule, arch: dict):
         super().__init__()
@@ -233,6 +233,11 @@ class DiffusersDenoiser(nn.Module):
 
     def condition(self, y, keep):
         raise ValueError("a pretrained diffusers teacher is unconditional: it has no condition input")
+
+    def net_call(self, inp, c_noise, y=None, keep=None, extra=None):
+        """The raw network on c_in x (plus `extra` channels), as `EDMDenoiser.net_call`; y and
+        keep are ignored (unconditional)."""
+        return self.net(inp if extra is None else torch.cat([inp, extra], dim=1), c_noise)
 
     def forward(self, x, sigma, y=None, keep=None):
         """x0 estimate at noise levels sigma (B,); y and keep are ignored (unconditional)."""

@@ -38,7 +38,7 @@ class Scorer:
     def score(self, samples, truth) -> dict:
         """{metric: Point} for `samples`, a list over seeds of (n, C, H, W) in [-1, 1] for the
         inputs of `truth` (a Split of the same n); NaN points for an unconditional task's
-        PSNR/SSIM/accuracy."""
+        PSNR/SSIM/accuracy, and for a class-conditional one's PSNR/SSIM (no paired truth)."""
         per_seed = {m: [] for m in ("fid", "kid")}
         per_image = {m: [] for m in ("psnr", "ssim", "accuracy")}
         for x in samples:
@@ -48,6 +48,7 @@ class Scorer:
             if truth.conditional:
                 per_image["psnr"].append(psnr(x, truth.x0).double().numpy())
                 per_image["ssim"].append(ssim(x, truth.x0).double().numpy())
+            if truth.conditional or truth.class_conditional:  # against the input's / requested label
                 per_image["accuracy"].append(self._correct(x, truth.label))
         points = {m: Point(float(np.mean([e for e, _ in v])), tuple(np.mean([r for _, r in v], axis=0)))
                   for m, v in per_seed.items()}

@@ -83,15 +83,22 @@ Source = Annotated[Union[Mnist5kSource, DigitsSource, FolderSource, PairedSource
 class CorruptionParams(Params):
     conditional: ClassVar[bool] = True  # False: y carries no information
     uses_source_y: ClassVar[bool] = False  # True: y comes from a paired source
+    class_conditional: ClassVar[bool] = False  # True: the models take the class label instead
 
     def check(self, image_shape):
         """Raise ValueError, naming the field, if this cannot apply to (C, H, W) images."""
 
 
 class NoCorruption(CorruptionParams):
-    """Unconditional generation: y = 0 carries nothing (labels are still stored)."""
+    """Generation: y = 0 carries nothing. `labels: true` makes it class-conditional: the
+    diffusion teacher and its students take the class label (docs/class-conditional.md)."""
     kind: Literal["none"] = "none"
     conditional: ClassVar[bool] = False
+    labels: bool = False
+
+    @property
+    def class_conditional(self):
+        return self.labels
 
 
 class PairedCorruption(CorruptionParams):
@@ -227,6 +234,9 @@ class UNetParams(Params):
     blocks_per_level: int = Field(1, ge=1, le=4)
     emb_dim: int = Field(128, ge=8, le=1024)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Feature-map sides whose blocks are followed by self-attention (e.g. [16]); a level runs
+    # at image_size / patch / 2**level (pipeline.nets).
+    attention: tuple[int, ...] = Field((), max_length=5)
 
 
 class ClassifierParams(Params):

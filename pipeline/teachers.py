@@ -1,9 +1,11 @@
 """The two teachers: a conditional EDM diffusion model and a diffusion bridge.
 
 - `EDMDenoiser`: D(x, sigma, y) = c_skip x + c_out F(c_in x, c_noise, [y, flag])
-  (Karras et al. 2022, Eq. 7). `y` is concatenated to the input with a flag
-  channel; condition dropout (`p_uncond`) replaces both by zeros so the same
-  network also gives the unconditional prediction that classifier-free
+  (Karras et al. 2022, Eq. 7). An image condition `y` is concatenated to the input
+  with a flag channel; a class condition (`corruption.labels`) is a label (B,) int64
+  whose embedding is added to the noise embedding (`pipeline.nets`). Condition
+  dropout (`p_uncond`) replaces y and flag by zeros, or the label by the null class,
+  so the same network also gives the unconditional prediction that classifier-free
   guidance needs (Ho & Salimans 2022).
 - `BridgeDenoiser`: x0_hat(x_t, t[, y]) with DDBM-style preconditioning (Zhou
   et al. 2023, Sec. 4). `style="i2sb"` never shows `y` to the network (Liu et
@@ -35,7 +37,19 @@ class DataShape:
     """What a network needs to know about the data: recorded in every checkpoint."""
     channels: int
     image_size: int
-    conditional: bool
+    conditional: bool  # an image condition y (a corruption)
+    classes: int = 0   # > 0: class-conditional, the condition is the label
+
+    @property
+    def takes_condition(self):
+        return self.conditional or self.classes > 0
+
+    def condition(self, batch):
+        """The condition a denoiser takes from a training batch {"y", "label", ...}: the label of a
+        class-conditional model, y of an image-conditional one, else None."""
+        if self.classes:
+            return batch["label"]
+        return batch["y"] if self.conditional else None
 
 
 class EDMDenoiser(nn.Module):
@@ -43,9 +57,36 @@ class EDMDenoiser(nn.Module):
         super().__init__()
         self.schedule = params.schedule  # the samplers read sigma_min/max, rho from it
         self.sigma_data = params.schedule.sigma_data
-        self.conditional = shape.conditional
+        self.conditional, self.classes = shape.conditional, shape.classes
         cond_channels = shape.channels + 1 if shape.conditional else 0
-        self.net = UNet(params.net, shape.channels + cond_channels, shape.channels)
+        self.net = UNet(params.net, shape.channels + cond_channels, shape.channels, shape.image_size,
+                        shape.classes)
+
+    def net_call(self, inp, c_noise, y=None, keep=None, extra=None):
+        """The raw network F on the scaled input `inp` = c_in x, given the condition y (None: the
+        null condition; keep (B,) bool drops it where False) and `extra` channels appended
+        after the condition's (those `widen_input` added). Every caller of the raw network
+        (this forward, CD's/TDD's consistency function, MM's step-aware student) goes
+        through here, so all feed the condition the same way."""
+        parts, label = [inp], None
+        if self.conditional:
+            if y is None:  # null condition: shape of y is that of x
+                y, keep = torch.zeros_like(inp), torch.zeros(len(inp), device=inp.device)
+            parts.append(self.condition(y, keep))
+        elif self.classes:
+            label = self.class_label(y, keep, len(inp), inp.device)
+        if extra is not None:
+            parts.append(extra)
+        inp = torch.cat(parts, dim=1) if len(parts) > 1 else inp
+        return self.net(inp, c_noise) if label is None else self.net(inp, c_noise, label)
+
+    def class_label(self, label, keep, n, device):
+        """The labels fed to the net: `label`, the null class (index `classes`) where keep is
+        False or for every sample when label is None."""
+        null = torch.full((n,), self.classes, dtype=torch.int64, device=device)
+        if label is None:
+            return null
+        return label if keep is None else torch.where(keep.bool(), label, null)
 
     def condition(self, y, keep):
         """[y * keep, keep] as extra channels; y=None means the null condition for every sample."""
@@ -58,12 +99,7 @@ class EDMDenoiser(nn.Module):
     def forward(self, x, sigma, y=None, keep=None):
         """x0 estimate at noise level sigma (B,); keep (B,) bool drops the condition where False."""
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        inp = _col(c_in) * x
-        if self.conditional:
-            if y is None:  # null condition: shape of y is that of x
-                y, keep = torch.zeros_like(x), torch.zeros(len(x), device=x.device)
-            inp = torch.cat([inp, self.condition(y, keep)], dim=1)
-        return _col(c_skip) * x + _col(c_out) * self.net(inp, c_noise)
+        return _col(c_skip) * x + _col(c_out) * self.net_call(_col(c_in) * x, c_noise, y, keep)
 
 
 class BridgeDenoiser(nn.Module):
@@ -73,7 +109,7 @@ class BridgeDenoiser(nn.Module):
         self.stats = (params.sigma_data, params.sigma_y, params.cov_xy)
         self.sees_y = params.style == "ddbm"
         in_channels = shape.channels * (2 if self.sees_y else 1)
-        self.net = UNet(params.net, in_channels, shape.channels)
+        self.net = UNet(params.net, in_channels, shape.channels, shape.image_size)
 
     def forward(self, x_t, t, y, extra=None):
         """x0 estimate at times t (B,); `extra` (B, k, H, W) feeds k channels added by
@@ -99,7 +135,7 @@ class DiffusionTeacherTask(Task):
         return {"denoiser": EDMDenoiser(self.params, self.shape)}
 
     def loss(self, nets, batch, generator):
-        x0, y = batch["x0"], batch["y"] if self.shape.conditional else None
+        x0, y = batch["x0"], self.shape.condition(batch)
         n, sched = len(x0), self.params.schedule
         sigma = sample_training_sigma(n, sched, generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -154,7 +190,7 @@ class Teacher:
     def sample(self, sampler, y, noise, nfe, guidance=0.0, grid="fair"):
         """(x0 samples, NFE spent) with the sampler `sampler` of this teacher's family, its
         calls on the step grid `grid` (schedules.step_sigmas)."""
-        y = y if self.shape.conditional else None
+        y = y if self.shape.takes_condition else None
         return sample(f"{self.family}/{sampler}", self.denoiser, y, noise, nfe, self.schedule,
                       guidance, grid)
 

@@ -140,7 +140,7 @@ class ConditionalGaussianDenoiser(EDMDenoiser):
     def __init__(self, shape: DataShape):
         nn.Module.__init__(self)
         self.schedule, self.sigma_data = COND_SCHEDULE, COND_SCHEDULE.sigma_data
-        self.conditional = shape.conditional
+        self.conditional, self.classes = shape.conditional, shape.classes
         self.net = ConditionalGaussianNet(shape.channels, shape.conditional)
 
 

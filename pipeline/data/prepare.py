@@ -66,12 +66,13 @@ def corrupt_splits(splits, corruption, shard_size, seed, map_fn):
 def describe(source, corruption, raw, n_test, n_reference, shard_size, seed, entries):
     """The manifest: enough to check the shards and to know how they were made."""
     shape = list(raw.x0.shape[1:])
+    labelled = {"class_conditional": True} if corruption.class_conditional else {}  # absent: False
     return {
         "format": FORMAT_VERSION,
         "source": source.model_dump(mode="json"),
         "corruption": corruption.model_dump(mode="json"),
         "conditional": corruption.conditional,
-        "num_classes": raw.num_classes,
+        "num_classes": raw.num_classes, **labelled,
         "x0_shape": shape, "y_shape": shape, "x0_dtype": "uint8", "y_dtype": "float32",
         "n_test": n_test, "n_reference": n_reference, "shard_size": shard_size, "seed": seed,
         "splits": entries,
@@ -88,6 +89,9 @@ def prepare_dataset(source, corruption, n_test, shard_size, seed, out_dir, map_f
         raise ValueError(f"shard_size={shard_size} must be at least 1")
     check_combination(source, corruption)
     raw = load_source(source)
+    if corruption.class_conditional and raw.num_classes < 2:
+        raise ValueError(f"corruption.labels: true needs a source with classes; {source.kind} at hand has "
+                         f"{raw.num_classes} (a folder source takes its classes from sub-folders)")
     train, test, reference = split(raw, n_test, seed, n_reference)
     splits = {"train": train, "test": test, "reference": reference}
     ys = corrupt_splits(splits, corruption, shard_size, seed, map_fn)

@@ -28,8 +28,16 @@ class Split:
     x0: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
     y: torch.Tensor  # (N, C, H, W) float32, zeros when not conditional
     label: torch.Tensor  # (N,) int64
-    conditional: bool
+    conditional: bool  # y is an informative image condition (a corruption)
     num_classes: int
+    class_conditional: bool = False  # the models take `label` as their condition
+
+    @property
+    def condition(self):
+        """What a model is conditioned on for these samples: the label, y, or None."""
+        if self.class_conditional:
+            return self.label
+        return self.y if self.conditional else None
 
     def __len__(self):
         return self.x0.shape[0]
@@ -138,6 +146,7 @@ def load_split(data_dir, name):
         label=torch.cat([s["label"] for s in shards]).to(torch.int64),
         conditional=bool(manifest["conditional"]),
         num_classes=int(manifest["num_classes"]),
+        class_conditional=bool(manifest.get("class_conditional", False)),
     )
 
 

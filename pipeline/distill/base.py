@@ -78,7 +78,18 @@ class Method(Task):
 
     @property
     def conditional(self):
-        return self.teacher.shape.conditional
+        """The teacher takes a condition (an image y or a class label)."""
+        return self.teacher.shape.takes_condition
+
+    def condition(self, batch):
+        """The teacher's condition from a training batch (`DataShape.condition`)."""
+        return self.teacher.shape.condition(batch)
+
+    @property
+    def train_keys(self):
+        """The train split's fields training reads: `data_keys`, plus the label of a
+        class-conditional teacher."""
+        return (*self.data_keys, "label") if self.teacher.shape.classes else tuple(self.data_keys)
 
     def to(self, device):
         self.teacher.denoiser.to(device)

@@ -46,7 +46,7 @@ class ConsistencyDistillation(Method):
 
     def loss(self, nets, batch, generator):
         p, x0 = self.params, batch["x0"]
-        y = batch["y"] if self.conditional else None
+        y = self.condition(batch)
         sigmas = self.grid()
         n, eps = draw_pairs(len(sigmas), x0, generator)
         hi, lo = (sigmas[i].to(x0.device, x0.dtype) for i in (n + 1, n))

@@ -36,12 +36,7 @@ def raw_output(denoiser, x, sigma, y=None, keep=None):
     """F(c_in x, c_noise[, condition]): the raw network of an `EDMDenoiser`-like module, fed as
     `EDMDenoiser.forward` feeds it (y=None: the null condition; keep (B,) bool drops y)."""
     _, _, c_in, c_noise = edm_precond(sigma, denoiser.sigma_data)
-    inp = col(c_in) * x
-    if denoiser.conditional:
-        if y is None:
-            y, keep = torch.zeros_like(x), torch.zeros(len(x), device=x.device)
-        inp = torch.cat([inp, denoiser.condition(y, keep)], dim=1)
-    return denoiser.net(inp, c_noise)
+    return denoiser.net_call(col(c_in) * x, c_noise, y, keep)
 
 
 class ConsistencyFunction(nn.Module):

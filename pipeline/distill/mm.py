@@ -66,12 +66,8 @@ class StepAwareDenoiser(nn.Module):
     def forward(self, x, sigma, y, s_next):
         d = self.denoiser
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, d.sigma_data)
-        parts = [col(c_in) * x]                                             # (B, C, H, W)
-        if d.conditional:  # y = None: the null condition (as in EDMDenoiser)
-            keep = torch.ones(len(x), device=x.device) if y is not None else torch.zeros(len(x), device=x.device)
-            parts.append(d.condition(torch.zeros_like(x) if y is None else y, keep))
-        parts.append(col(s_next.log() / 4).expand(-1, 1, *x.shape[-2:]))    # (B, 1, H, W)
-        return col(c_skip) * x + col(c_out) * d.net(torch.cat(parts, dim=1), c_noise)
+        step = col(s_next.log() / 4).expand(-1, 1, *x.shape[-2:])          # (B, 1, H, W)
+        return col(c_skip) * x + col(c_out) * d.net_call(col(c_in) * x, c_noise, y, extra=step)
 
 
 # DDPM posterior q(z_s | z_t, x0 = x_tilde) in sigma space (Ho et al. 2020, Eq. 6-7, alpha = 1).
@@ -159,7 +155,7 @@ class MomentMatching(Method):
     def rollout(self, student, batch, generator):
         """One training draw: (x_tilde with grad, sg(z_s), s, y)."""
         x0 = batch["x0"]
-        y = batch["y"] if self.conditional else None
+        y = self.condition(batch)
         t, s_next, s = self.draw_times(len(x0), generator, x0.device)
         z_t = x0 + col(t) * batch_noise(x0.shape, generator, x0.device)
         x_tilde = student(z_t, t, y, s_next)

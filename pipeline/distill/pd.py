@@ -86,7 +86,7 @@ class ProgressiveDistillation(Method):
     def loss(self, nets, batch, generator):
         """max(SNR, 1) ||student(z_t) - x_target||^2 per sample (B,)."""
         x0 = batch["x0"]
-        y = batch["y"] if self.conditional else None
+        y = self.condition(batch)
         target = unwrap(nets["target"])
         t, t_mid, t_next = self.draw_times(int(target.pd_round), len(x0), generator, x0.device)
         z_t = x0 + col(t) * batch_noise(x0.shape, generator, x0.device)

@@ -102,7 +102,7 @@ class TargetDrivenDistillation(Method):
 
     def loss(self, nets, batch, generator):
         p, x0 = self.params, batch["x0"]
-        y = batch["y"] if self.conditional else None
+        y = self.condition(batch)
         n, eps = draw_pairs(len(self.grid), x0, generator)
         keep = self.drop_condition(x0, generator)
         s = (select_targets(self.grid[n], self.candidates, p.window, p.s_ratio, generator)

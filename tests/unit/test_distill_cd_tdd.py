@@ -260,13 +260,15 @@ def test_tdd_trains_on_the_conditional_toy():
     assert trained_err < 0.6 * ddim_err and trained_err < 0.7 * init_err, (trained_err, ddim_err, init_err)
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_raw_output_feeds_the_real_edm_denoiser_as_its_forward_does(conditional):
-    shape = DataShape(channels=1, image_size=4, conditional=conditional)
+@pytest.mark.parametrize("conditional,classes", [(False, 0), (True, 0), (False, 3)])
+def test_raw_output_feeds_the_real_edm_denoiser_as_its_forward_does(conditional, classes):
+    shape = DataShape(channels=1, image_size=4, conditional=conditional, classes=classes)
     params = DiffusionTeacherParams(net=UNetParams(channels=(8,), emb_dim=16))
     torch.manual_seed(0)
     denoiser = EDMDenoiser(params, shape)
-    x, y, sigma = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([0.01, 1.0, 50.0])
+    torch.nn.init.normal_(denoiser.net.head[-1].weight)  # an output that depends on the condition
+    x, sigma = torch.randn(3, 1, 4, 4), torch.tensor([0.01, 1.0, 50.0])
+    y = torch.tensor([0, 2, 1]) if classes else torch.randn(3, 1, 4, 4)
     keep = torch.tensor([True, False, True])
     c_skip, c_out, _, _ = edm_precond(sigma, denoiser.sigma_data)
     for y_, keep_ in ((y, keep), (None, None)):

@@ -103,8 +103,8 @@ def main():
     total = sum(f for _, f in rows)
     print(f"{args.params}: {len(rows)} stages, at {args.tflops:g} TFLOP/s sustained (an assumption)")
     for name, f in rows:
-        print(f"  {name:<20} {f / 1e15:10.1f} PFLOP  {f / (args.tflops * 1e12) / 3600:7.2f} h")
-    print(f"  {'total':<20} {total / 1e15:10.1f} PFLOP  {total / (args.tflops * 1e12) / 3600:7.2f} h")
+        print(f"  {name:<20} {f / 1e15:10.2f} PFLOP  {f / (args.tflops * 1e12) / 3600:7.2f} h")
+    print(f"  {'total':<20} {total / 1e15:10.2f} PFLOP  {total / (args.tflops * 1e12) / 3600:7.2f} h")
 
 
 if __name__ == "__main__":

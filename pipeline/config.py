@@ -88,6 +88,10 @@ class PipelineBase(Params):
             if shape[1] % factor:
                 raise ValueError(f"teacher.{name}.net: patch {net.patch} and {len(net.channels)} levels "
                                  f"downsample by {factor}, which does not divide the image size {shape[1]}")
+            sides = [shape[1] // net.patch // 2 ** i for i in range(len(net.channels))]  # as nets.level_sides
+            if not set(net.attention) <= set(sides):
+                raise ValueError(f"teacher.{name}.net.attention {list(net.attention)}: each must be a feature-map "
+                                 f"side of this net, {sides} for {shape[1]}x{shape[1]} images")
         return self
 
 

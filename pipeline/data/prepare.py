@@ -90,8 +90,8 @@ def prepare_dataset(source, corruption, n_test, shard_size, seed, out_dir, map_f
     check_combination(source, corruption)
     raw = load_source(source)
     if corruption.class_conditional and raw.num_classes < 2:
-        raise ValueError(f"corruption.labels: true needs a source with classes; {source.kind} at hand has "
-                         f"{raw.num_classes} (a folder source takes its classes from sub-folders)")
+        raise ValueError(f"corruption.labels: true needs a source with at least 2 classes; data.source "
+                         f"({source.kind}) has {raw.num_classes} (a folder source's classes are its sub-folders)")
     train, test, reference = split(raw, n_test, seed, n_reference)
     splits = {"train": train, "test": test, "reference": reference}
     ys = corrupt_splits(splits, corruption, shard_size, seed, map_fn)

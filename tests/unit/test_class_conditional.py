@@ -83,6 +83,17 @@ def test_prepare_marks_a_labelled_split_and_its_condition_is_the_label(tmp_path)
     assert not plain.class_conditional and plain.condition is None
 
 
+def test_labels_without_classes_are_refused_in_one_line(tmp_path):
+    from PIL import Image
+
+    from pipeline.settings import FolderSource
+    for i in range(8):  # a flat folder: one class
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
+    with pytest.raises(ValueError, match=r"needs a source with at least 2 classes; data.source \(folder\) has 1"):
+        prepare_dataset(FolderSource(path=tmp_path, image_size=8), NoCorruption(labels=True), n_test=2,
+                        shard_size=4, seed=0, out_dir=tmp_path / "out", n_reference=2)
+
+
 def trained_corner_teacher():
     params = DiffusionTeacherParams(net=TINY, p_uncond=0.1)
     train = TrainParams(steps=400, batch_size=64, lr=3e-3, warmup_steps=20, lr_schedule="cosine",

@@ -79,6 +79,14 @@ def test_bad_value_names_its_key(path, value, message):
     (lambda r: r["distill"]["methods"].pop("pd"), r"lists \['pd'\], which distill.methods does not train"),
     (lambda r: (r["evaluate"].update(models=["diffusion", "mm"]), r["distill"].update(methods={"mm": "diffusion"}),
                 r.update(corruption={"kind": "none"})) and None, None),
+    (lambda r: (r["evaluate"].update(models=["diffusion", "mm"]), r["distill"].update(methods={"mm": "diffusion"}),
+                r.update(corruption={"kind": "none", "labels": True})) and None, None),
+    (lambda r: r["teacher"]["diffusion"]["net"].update(attention=[16]),
+     r"teacher.diffusion.net.attention \[16\]: each must be a feature-map side of this net, \[14, 7\]"),
+    (lambda r: r.update(corruption={"kind": "super_resolution", "factor": 4, "labels": True}), "labels"),
+    (lambda r: (r["evaluate"].update(models=["diffusion"]), r["distill"].update(methods={}),
+                r["teacher"]["diffusion"].update(pretrained={"path": "pretrained/diffusion"}),
+                r.update(corruption={"kind": "none", "labels": True})), "set corruption.labels: false"),
 ])
 def test_inconsistent_sections_are_explained(change, message):
     raw = shipped()

@@ -35,6 +35,23 @@ def test_bf16_tf32_channels_last_training_on_cuda_lowers_the_loss():
     assert torch.backends.cuda.matmul.allow_tf32
 
 
+def test_the_class_conditional_profile_network_trains_in_bf16_on_cuda():
+    """profiles/cifar10-class.yaml's teacher (26.7M parameters, attention at 16x16, labels)
+    under the profile's compute options: finite, falling loss on labelled 32x32 RGB data."""
+    from pipeline.config import load_params
+    from tests.conftest import ROOT
+    params = load_params(ROOT / "profiles" / "cifar10-class.yaml")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (512,), generator=g)
+    x0 = (labels.float()[:, None, None, None] / 4.5 - 1).expand(-1, 3, 32, 32).contiguous()  # class k: grey level k
+    task = DiffusionTeacherTask(params.teacher.diffusion, DataShape(3, 32, False, classes=10))
+    hooks = LoopHooks(device=torch.device("cuda"), compute=params.ray.compute)
+    train = TrainParams(steps=60, batch_size=64, lr=2e-4, warmup_steps=5, log_every=20, checkpoint_every=60)
+    run_training(task, {"x0": x0, "label": labels}, train, seed=0, hooks=hooks)
+    losses = [m["loss"] for m in hooks.history]
+    assert all(map(lambda v: v == v, losses)) and losses[-1] < losses[0], losses
+
+
 def require_nccl(metrics, state, context):
     """Report hook: fails the worker unless its DDP process group runs on NCCL."""
     backend = torch.distributed.get_backend()

@@ -176,13 +176,14 @@ def _pump(queue, bar, stop):
         progress.show_training(bar, step, metrics)
 
 
-def parallel_map(fn, jobs, cpus_per_job=1, on_done=None):
-    """[fn(*job) for job in jobs], each job a Ray task; results in job order.
+def parallel_map(fn, jobs, cpus_per_job=1, on_done=None, gpus_per_job=0):
+    """[fn(*job) for job in jobs], each job a Ray task (holding `gpus_per_job` GPUs: Ray sets
+    its CUDA_VISIBLE_DEVICES); results in job order.
 
     `on_done(index)` runs in the caller as each job finishes, in the order they finish
     (e.g. to advance a progress bar); a failed job raises as soon as it is seen.
     """
-    remote = ray.remote(num_cpus=cpus_per_job)(fn)
+    remote = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job)(fn)
     refs = [remote.remote(*job) for job in jobs]
     index = {ref: i for i, ref in enumerate(refs)}
     results, pending = [None] * len(refs), refs
@@ -198,3 +199,8 @@ def parallel_map(fn, jobs, cpus_per_job=1, on_done=None):
 def cluster_cpus():
     """CPUs of the connected cluster (how many single-thread jobs run at once)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cluster_gpus():
+    """GPUs of the connected cluster (0 when it has none)."""
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -88,17 +88,35 @@ class ShardJob:
     batch_size: int
     threads: int = 1
     grid: str = "fair"  # the teachers' step grid (schedules.step_sigmas)
+    device: str = "cpu"  # "cuda": the job's GPU (Ray makes the one it holds the only visible one)
+
+
+def to_device(model, device):
+    """A loaded Teacher or Student with every network it calls on `device`."""
+    if isinstance(model, Student):
+        model.method.to(device)
+        model.net.to(device)
+    else:
+        model.denoiser.to(device)
+    return model
 
 
 def sample_shard(job: ShardJob):
-    """{(sampler, nfe, seed): (samples (n, C, H, W) clipped, seconds)} for one shard."""
+    """{(sampler, nfe, seed): (samples (n, C, H, W) clipped, on the CPU, seconds)} for one shard.
+    On a GPU the noise is still drawn from the samples' CPU generators, so the samples are those
+    of the CPU up to floating-point differences."""
     torch.set_num_threads(job.threads)
-    model = load_model(job.model_path)
+    device = torch.device(job.device)
+    model = to_device(load_model(job.model_path), device)
     test = load_split(job.data_dir, "test")
     # The condition: y (image-conditional), the requested labels (class-conditional: the labels
     # of the evaluated inputs), or None; the sample shape is x0's.
-    cond = None if test.condition is None else test.condition[job.start:job.stop]
+    cond = None if test.condition is None else test.condition[job.start:job.stop].to(device)
     shape, n = test.x0.shape[1:], job.stop - job.start
+
+    def synchronize():  # CUDA runs asynchronously: the clock stops when the samples exist
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def part(lo, hi):
         return None if cond is None else cond[lo:hi]
@@ -107,28 +125,30 @@ def sample_shard(job: ShardJob):
     for name, nfe in job.plan:
         warm = min(WARMUP, n)  # first calls pay one-off costs (allocations, kernels): untimed
         with torch.no_grad():
-            model.sample(name, part(0, warm), SeededNoise([0] * warm, shape), nfe, job.guidance, job.grid)
+            model.sample(name, part(0, warm), SeededNoise([0] * warm, shape, device), nfe, job.guidance, job.grid)
+        synchronize()
         chunks, seconds = [], 0.0
         for lo in range(0, n, job.batch_size):
             hi = min(lo + job.batch_size, n)
             first = job.start + lo
-            noise = SeededNoise(sample_seeds(job.seed, range(first, job.start + hi)), shape)
+            noise = SeededNoise(sample_seeds(job.seed, range(first, job.start + hi)), shape, device)
             tick = time.perf_counter()
             with torch.no_grad():
                 x, used = model.sample(name, part(lo, hi), noise, nfe, job.guidance, job.grid)
+            synchronize()
             seconds += time.perf_counter() - tick
             assert used == nfe, f"{name}: planned {nfe} NFE, the sampler spent {used}"
-            chunks.append(x.clamp(-1, 1))
+            chunks.append(x.clamp(-1, 1).cpu())
         out[(name, nfe, job.seed)] = (torch.cat(chunks), seconds)
     return out
 
 
 def shard_jobs(model_path, data_dir, n_samples, n_shards, plan_, seeds, guidance, batch_size, threads=1,
-               grid="fair"):
+               grid="fair", device="cpu"):
     """One job per (shard, seed): `n_shards` contiguous shards of the first n_samples inputs."""
     bounds = [round(i * n_samples / n_shards) for i in range(n_shards + 1)]
     return [ShardJob(str(model_path), str(data_dir), lo, hi, tuple(plan_), seed, guidance, batch_size,
-                     threads, grid) for seed in seeds for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+                     threads, grid, device) for seed in seeds for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
 def split_by_plan(shards):
@@ -191,7 +211,7 @@ def evaluate_model(name, model_path, data_dir, scorer, ev, n_shards, map_fn, sho
     method, teacher = describe(model)
     points, guidance = model_plan(model, ev)
     shards = shard_jobs(model_path, data_dir, ev.n_samples, n_shards, points, ev.seeds, guidance,
-                        ev.batch_size, grid=ev.grid)
+                        ev.batch_size, grid=ev.grid, device=ev.device)
     sampled = sample_points(shards, map_fn, ev.seeds, show)
     truth = load_split(data_dir, "test").head(ev.n_samples)
     rows, replicates = score_all(sampled, truth, scorer, show)

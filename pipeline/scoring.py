@@ -26,8 +26,8 @@ class Scorer:
     """Built once per stage: the feature extractor's reference, the classifier, the groups of
     the `n` evaluated inputs."""
 
-    def __init__(self, features: FeatureSpace, n, groups, image_shape):
-        self.features, self.group = features, groups_of(n, groups)
+    def __init__(self, features: FeatureSpace, n, groups, image_shape, device="cpu"):
+        self.features, self.group, self.device = features, groups_of(n, groups), device
         self.ref_features = cached_reference_features(
             cache_root=str(features.root / "fid_cache"), reference_cache_name=features.reference,
             image_shape=tuple(image_shape), extractor=features.extractor, weights_path=features.weights)
@@ -42,7 +42,8 @@ class Scorer:
         per_seed = {m: [] for m in ("fid", "kid")}
         per_image = {m: [] for m in ("psnr", "ssim", "accuracy")}
         for x in samples:
-            f = extract_features(x, extractor=self.features.extractor, weights_path=self.features.weights)
+            f = extract_features(x, extractor=self.features.extractor, weights_path=self.features.weights,
+                                 device=self.device)
             per_seed["fid"].append(self._fid(f))
             per_seed["kid"].append(kid(f, self.ref_features, self.group, k_yy=self.ref_kernel_mean))
             if truth.conditional:

@@ -373,6 +373,9 @@ class EvaluateParams(Params):
     grid: Literal["fair", "edm"] = "fair"
     samplers: SamplerLists = SamplerLists()
     grid_samples: int = Field(16, ge=1, le=256)
+    # cpu: one sampling job per CPU of the cluster; cuda: one per GPU, each job on its GPU, and
+    # the stage's feature extraction on its own GPU (docs/gpu.md)
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @field_validator("nfe")
     @classmethod

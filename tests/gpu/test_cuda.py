@@ -75,3 +75,48 @@ def test_torch_trainer_with_use_gpu_trains_over_nccl(ray_address, tmp_path):
     losses = [m.value for m in sorted(MlflowClient(uri).get_metric_history(run.run_id, "train/loss"),
                                       key=lambda m: m.step)]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
+
+
+def sampling_on(device, tmp_path):
+    """{(model, sampler, nfe): samples} of sample_shard on `device`, for tiny untrained teachers
+    and every registered student on 8x8 digits (2x super-resolution)."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.distill import METHODS, make_method
+    from pipeline.distill.base import student_config
+    from pipeline.evaluation import ShardJob, load_model, model_plan, sample_shard
+    from pipeline.settings import DigitsSource, EvaluateParams, SuperResolution
+    from pipeline.teachers import TEACHERS, build_teacher, teacher_config
+    data = tmp_path / "data"
+    if not data.exists():
+        prepare_dataset(DigitsSource(), SuperResolution(factor=2), n_test=16, shard_size=400, seed=0, out_dir=data)
+    shape, tiny = DataShape(1, 8, True), UNetParams(channels=(8, 16), emb_dim=16)
+    torch.manual_seed(0)
+    paths, teachers = {}, {}
+    for name, (params_cls, _) in TEACHERS.items():
+        params = params_cls(net=tiny)
+        teachers[name] = build_teacher(teacher_config(name, params, shape))
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(paths[name], f"teacher_{name}", teacher_config(name, params, shape),
+                        {"denoiser": teachers[name].denoiser.state_dict()})
+    for method, entry in METHODS.items():
+        student = make_method(method, entry.params(), teachers[entry.teacher])
+        paths[method] = tmp_path / f"{method}.pt"
+        save_checkpoint(paths[method], f"student_{method}", student_config(student),
+                        {"student": student.build()["student"].state_dict()})
+    out, ev = {}, EvaluateParams(nfe=[1, 2, 4])
+    for name, path in paths.items():
+        points, guidance = model_plan(load_model(path), ev)
+        job = ShardJob(str(path), str(data), 0, 16, tuple(points), 1, guidance, 8, 1, "fair", device)
+        out.update({(name, s, n): x for (s, n, _), (x, _) in sample_shard(job).items()})
+    return out
+
+
+def test_every_model_samples_on_cuda_as_on_the_cpu(tmp_path):
+    """evaluate.device: cuda. The same noise (drawn by the CPU generators), the same samples up
+    to floating-point differences, for both teachers' samplers and every student."""
+    cpu, cuda = sampling_on("cpu", tmp_path), sampling_on("cuda", tmp_path)
+    assert cpu.keys() == cuda.keys()
+    for key in cpu:
+        assert cuda[key].device.type == "cpu"
+        assert torch.allclose(cpu[key], cuda[key], atol=2e-3), (key, (cpu[key] - cuda[key]).abs().max())

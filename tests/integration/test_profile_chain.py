@@ -42,7 +42,7 @@ def shrunk(profile):
     params = yaml.safe_load(profile.read_text())
     params["data"].update(source={"kind": "folder", "path": "data/synthetic", "image_size": SIZE, "channels": 3},
                           n_test=24, n_reference=60, shard_size=64)
-    params["ray"].update(num_workers=1, use_gpu=False, threads_per_worker=2, buffer_shards=2)
+    params["ray"].update(num_workers=1, use_gpu=False, threads_per_worker=2, buffer_shards=2)  # bf16 kept
     params["features"]["train"].update(steps=60, log_every=20, checkpoint_every=60)
     params["features"]["classifier"].update(channels=[16, 32], feature_dim=32)
     teacher = params["teacher"]["diffusion"]
@@ -58,6 +58,7 @@ def shrunk(profile):
         params["distill"][method]["nfe"] = nfe
     params["evaluate"].update(nfe=[1, 2], n_samples=12, batch_size=12, seeds=[1, 2], groups=4, grid_samples=4)
     params["evaluate"]["samplers"]["diffusion"] = ["ddim", "heun"]
+    params["evaluate"]["device"] = "cpu"
     return params
 
 

@@ -43,6 +43,7 @@ def test_a_profile_is_sized_for_gpus(profile):
     params = load_params(profile)
     assert params.ray.use_gpu and params.ray.num_workers >= 2 and params.ray.compute.precision == "bf16"
     assert params.features.extractor == "inception" and params.evaluate.n_samples >= 10_000
+    assert params.evaluate.device == "cuda"
     c, size, _ = params.data.source.image_shape
     shape = DataShape(c, size, params.corruption.conditional, 10 if params.corruption.class_conditional else 0)
     for name in used_teachers(params):

@@ -298,3 +298,21 @@ def test_a_bad_sweep_file_is_one_line_naming_the_file_and_key(case, tmp_path):
     out = run_stage(["sweep.py", str(file), "--out", str(tmp_path / "out")], tmp_path)
     failed_in_one_line(out, "sweep: ", str(file), *expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_on_cuda_without_a_gpu_is_one_line_before_anything_loads(tmp_path, diffusion_checkpoint):
+    """evaluate.device: cuda on a machine without CUDA and without RAY_ADDRESS."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: evaluate.device: cuda is valid here")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["evaluate"]["device"] = "cuda"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "diffusion", "--model",
+                          str(diffusion_checkpoint), "--data", str(tmp_path / "d"), "--features",
+                          str(tmp_path / "nofeatures"), "--out", str(tmp_path / "e"), "--params",
+                          str(tmp_path / "params.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    failed_in_one_line(out, "evaluate: evaluate.device is cuda but there is no GPU to sample on",
+                       "none on this machine, no RAY_ADDRESS", "set evaluate.device: cpu")
+    assert not (tmp_path / "e").exists()

@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import load_params
-from pipeline.distill import make_method, registration
+from pipeline.distill import make_method
 from pipeline.evaluation import plan
 from pipeline.teachers import TEACHERS, DataShape, build_teacher, teacher_config
 

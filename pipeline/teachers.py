@@ -74,19 +74,18 @@ class EDMDenoiser(nn.Module):
                 y, keep = torch.zeros_like(inp), torch.zeros(len(inp), device=inp.device)
             parts.append(self.condition(y, keep))
         elif self.classes:
-            label = self.class_label(y, keep, len(inp), inp.device)
+            label = self.class_label(y, keep)
         if extra is not None:
             parts.append(extra)
         inp = torch.cat(parts, dim=1) if len(parts) > 1 else inp
         return self.net(inp, c_noise) if label is None else self.net(inp, c_noise, label)
 
-    def class_label(self, label, keep, n, device):
-        """The labels fed to the net: `label`, the null class (index `classes`) where keep is
-        False or for every sample when label is None."""
-        null = torch.full((n,), self.classes, dtype=torch.int64, device=device)
-        if label is None:
-            return null
-        return label if keep is None else torch.where(keep.bool(), label, null)
+    def class_label(self, label, keep):
+        """`label` with the null class (index `classes`) where keep is False; None stays None,
+        which the net takes as the null class for every sample."""
+        if label is None or keep is None:
+            return label
+        return torch.where(keep.bool(), label, torch.full_like(label, self.classes))
 
     def condition(self, y, keep):
         """[y * keep, keep] as extra channels; y=None means the null condition for every sample."""

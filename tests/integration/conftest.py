@@ -34,6 +34,18 @@ def copy_project(source, dest):
     return dest
 
 
+def copy_code(root):
+    """The project's code, dvc.yaml and DVC config (COPIED) into `root`, as a fresh clone has them."""
+    for name in COPIED:
+        src, dst = ROOT / name, root / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
@@ -43,15 +55,8 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def project(tmp_path_factory, ray_address, mlflow_server):
     root = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        src, dst = ROOT / name, root / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+    copy_code(root)
     (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
-    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "smoke",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}

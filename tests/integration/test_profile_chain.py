@@ -4,7 +4,6 @@ streamed shards, bf16 autocast, its methods and evaluation) with tiny nets, a fe
 synthetic 32x32 RGB images of ten classes in a folder."""
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.integration.conftest import COPIED, sh
+from tests.integration.conftest import copy_code, sh
 
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
 
@@ -65,17 +64,10 @@ def shrunk(profile):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, ray_address):
     root = tmp_path_factory.mktemp("profile-chain")
-    for name in COPIED:
-        src, dst = ROOT / name, root / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+    copy_code(root)
     write_synthetic_classes(root / "data" / "synthetic")
     params = shrunk(ROOT / "profiles" / "cifar10-class.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # its own store: mlflow.db
     env.update({"RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "profile-chain",
                 "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",

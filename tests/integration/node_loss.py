@@ -26,6 +26,7 @@ from ray.cluster_utils import Cluster
 from pipeline.distributed import RAY_ENV, fit, parallel_map
 
 ROOT = Path(__file__).resolve().parents[2]
+RESULT = "node-loss result: "  # prefixes the one stdout line the test reads (Ray logs go to stdout too)
 
 
 def start_cluster(nodes):
@@ -76,7 +77,7 @@ def train(out):
     entries = read_journal(journal)
     first = [e for e in entries if e["resumed_from"] is None]
     later = [e for e in entries if e["resumed_from"] is not None]
-    print(json.dumps({
+    print(RESULT + json.dumps({
         "final_step": int(state["step"]), "steps": params.steps, "checkpoint_every": params.checkpoint_every,
         "removed": removed, "reached": max(e["step"] for e in first),
         "resumed_from": min(e["resumed_from"] for e in later) if later else None,
@@ -115,7 +116,7 @@ def evaluate(out, project):
     base_s = time.time() - tick
     tick = time.time()
     disturbed, _, _ = evaluate_model("cd", model, data, scorer, ev, 2, losing_a_node)
-    print(json.dumps({"undisturbed": undisturbed, "disturbed": disturbed, "removed": bool(removed),
+    print(RESULT + json.dumps({"undisturbed": undisturbed, "disturbed": disturbed, "removed": bool(removed),
                       "jobs": removed.get("jobs"), "undisturbed_s": base_s, "disturbed_s": time.time() - tick},
                      default=float))
     ray.shutdown()  # the driver first: a Cluster refuses to remove the node it is connected to

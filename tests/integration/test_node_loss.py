@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.integration.node_loss import RESULT
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(900)]
 
@@ -20,7 +21,8 @@ def drive(*args):
     out = subprocess.run([sys.executable, "-m", "tests.integration.node_loss", *map(str, args)], cwd=ROOT,
                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=800)
     assert out.returncode == 0, out.stderr[-5000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    (result,) = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    return json.loads(result[len(RESULT):])
 
 
 def test_training_survives_a_lost_node(tmp_path):

@@ -54,16 +54,18 @@ def model_plan(model, ev):
     if isinstance(model, Student):
         return [("student", nfe) for nfe in model.method.nfe_choices()], 0.0
     guidance = ev.guidance if model.family == "diffusion" else 0.0
-    return plan(model.family, getattr(ev.samplers, model.family), ev.nfe, guidance), guidance
+    caps = getattr(ev.max_nfe, model.family)
+    return plan(model.family, getattr(ev.samplers, model.family), ev.nfe, guidance, caps), guidance
 
 
-def plan(family, samplers, nfes, guidance=0.0):
+def plan(family, samplers, nfes, guidance=0.0, max_nfe=None):
     """[(sampler, nfe)] with each NFE one the sampler can hit exactly (the most it can
-    spend without exceeding the request); duplicates dropped, unreachable NFEs skipped."""
-    jobs = []
+    spend without exceeding the request); duplicates dropped, unreachable NFEs skipped.
+    `max_nfe`: {sampler: the most NFE it is evaluated at} (`evaluate.max_nfe`)."""
+    jobs, max_nfe = [], max_nfe or {}
     for name in samplers:
         sampler, seen = get_sampler(f"{family}/{name}"), set()
-        for nfe in nfes:
+        for nfe in (n for n in nfes if n <= max_nfe.get(name, n)):
             steps = steps_for_nfe(sampler, nfe, guidance)
             if steps is None:
                 continue

@@ -359,6 +359,31 @@ class SamplerLists(Params):
         return check_known(names, BRIDGE_SAMPLER_NAMES, "sampler(s)")
 
 
+def _caps(caps, known):
+    check_known(list(caps), known, "sampler(s)")
+    if any(n < 1 for n in caps.values()):
+        raise ValueError(f"every cap must be at least 1 NFE, got {caps}")
+    return caps
+
+
+class MaxNfe(Params):
+    """The most NFE each named sampler is evaluated at; a sampler not named runs at every
+    NFE of `evaluate.nfe`. A sampler whose curve has converged need not spend the budget on
+    its costliest points (docs/evaluation.md)."""
+    diffusion: dict[str, int] = {}
+    bridge: dict[str, int] = {}
+
+    @field_validator("diffusion")
+    @classmethod
+    def _diffusion(cls, caps):
+        return _caps(caps, DIFFUSION_SAMPLER_NAMES)
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, caps):
+        return _caps(caps, BRIDGE_SAMPLER_NAMES)
+
+
 class EvaluateParams(Params):
     models: list[str] = list(TEACHER_NAMES)  # teachers and students (checked in pipeline.config)
     nfe: list[int] = [1, 2, 4, 8, 16, 32, 64]
@@ -372,6 +397,7 @@ class EvaluateParams(Params):
     # sigma_min (for comparisons with published curves).
     grid: Literal["fair", "edm"] = "fair"
     samplers: SamplerLists = SamplerLists()
+    max_nfe: MaxNfe = MaxNfe()
     grid_samples: int = Field(16, ge=1, le=256)
     # cpu: one sampling job per CPU of the cluster; cuda: one per GPU, each job on its GPU, and
     # the stage's feature extraction on its own GPU (docs/gpu.md)

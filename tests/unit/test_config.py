@@ -50,6 +50,7 @@ def test_names_in_settings_match_the_registries():
     (("corruption", "factor"), 1, "corruption.super_resolution.factor"),
     (("evaluate", "nfe"), [4, 2], "evaluate.nfe"),
     (("evaluate", "samplers", "diffusion"), ["ddim", "magic"], "evaluate.samplers.diffusion"),
+    (("evaluate", "max_nfe", "bridge"), {"dpmpp_2m": 8}, "evaluate.max_nfe.bridge"),
     (("evaluate", "models"), ["diffusion", "gan"], "evaluate.models"),
     (("ray", "num_workers"), 0, "ray.num_workers"),
     (("distill", "methods", "gan"), "diffusion", "distill.methods"),

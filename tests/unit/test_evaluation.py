@@ -21,6 +21,23 @@ def test_plan_uses_reachable_nfe_only():
     assert guided == [("euler", 2), ("euler", 4)]  # CFG costs 2 per step: 1 buys nothing
 
 
+def test_max_nfe_caps_only_the_named_sampler():
+    jobs = plan("diffusion", ["euler", "heun"], [1, 2, 4, 8, 16, 32], max_nfe={"heun": 16})
+    assert [n for s, n in jobs if s == "euler"] == [1, 2, 4, 8, 16, 32]
+    assert [n for s, n in jobs if s == "heun"] == [1, 3, 7, 15]  # 31 would exceed the cap
+
+
+def test_max_nfe_names_only_samplers_of_the_family():
+    from pydantic import ValidationError
+
+    from pipeline.settings import EvaluateParams
+    assert EvaluateParams(max_nfe={"bridge": {"posterior_ode": 8}}).max_nfe.bridge == {"posterior_ode": 8}
+    with pytest.raises(ValidationError, match="unknown or repeated sampler"):
+        EvaluateParams(max_nfe={"bridge": {"dpmpp_2m": 8}})  # a diffusion sampler
+    with pytest.raises(ValidationError, match="at least 1 NFE"):
+        EvaluateParams(max_nfe={"diffusion": {"ddim": 0}})
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")

@@ -1,6 +1,7 @@
 """PSNR and SSIM: exact on identical images, falling with noise, fine at 8x8."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,30 @@ def test_ssim_of_unrelated_noise_is_near_zero():
 def test_ssim_is_symmetric():
     x, y = images((2, 3, 32, 32)), images((2, 3, 32, 32), seed=5)
     assert torch.allclose(ssim(x, y), ssim(y, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, size", [((3, 1, 28, 28), 11), ((2, 3, 16, 12), 11), ((2, 1, 8, 8), 7)])
+def test_ssim_matches_a_direct_implementation_of_the_definition(shape, size):
+    """Against Wang et al. 2004, Eq. 13 written out with scipy's 2-D correlation and the
+    11x11 window (7x7 where 11 does not fit): no torch convolution, no separability."""
+    from scipy.signal import correlate2d
+    x, ref = images(shape).double(), noisy(images(shape), 0.3).double()
+    t = np.arange(size) - (size - 1) / 2
+    g = np.exp(-t**2 / (2 * 1.5**2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    expected = []
+    for a, b in zip(x.numpy(), ref.numpy()):
+        maps = []
+        for ac, bc in zip(a, b):
+            def local(img):
+                return correlate2d(img, window, mode="valid")
+            mu_a, mu_b = local(ac), local(bc)
+            var_a, var_b = local(ac * ac) - mu_a**2, local(bc * bc) - mu_b**2
+            cov = local(ac * bc) - mu_a * mu_b
+            maps.append(((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
+        expected.append(np.mean(maps))
+    np.testing.assert_allclose(ssim(x, ref).numpy(), expected, rtol=0, atol=1e-10)
 
 
 def test_gaussian_window_is_normalised():

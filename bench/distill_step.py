@@ -14,10 +14,11 @@ import time
 
 import torch
 
-from pipeline.config import load_params
+from pipeline.config.schema import load_params
 from pipeline.distill import METHODS, make_method
-from pipeline.teachers import TEACHERS, DataShape, build_teacher, teacher_config
-from pipeline.training import Task
+from pipeline.models.loading import build_teacher
+from pipeline.models.teachers import TEACHERS, DataShape, teacher_config
+from pipeline.training.loop import Task
 
 
 def seconds_per_step(task: Task, train, steps, data):

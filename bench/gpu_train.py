@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_params  # noqa: E402
-from pipeline.settings import ComputeParams, RayParams, TrainParams, UNetParams  # noqa: E402
-from pipeline.teachers import DataShape, DiffusionTeacherTask  # noqa: E402
-from pipeline.training import LoopHooks, TrainRun, run_training  # noqa: E402
+from pipeline.config.schema import load_params  # noqa: E402
+from pipeline.config.settings import ComputeParams, RayParams, TrainParams, UNetParams  # noqa: E402
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask  # noqa: E402
+from pipeline.training.loop import LoopHooks, TrainRun, run_training  # noqa: E402
 
 
 def fake_cifar(n=4096, size=32):
@@ -56,8 +56,10 @@ def measure(mode, precision, args):
         return statistics.median(m["samples_per_sec"] for m in hooks.history[1:]), params
     from mlflow.tracking import MlflowClient
 
-    from pipeline.distributed import RAY_ENV, connect, fit
-    from pipeline.tracking import StageRun
+    from pipeline.runtime.cluster import RAY_ENV, connect
+
+    from pipeline.training.ray_train import fit
+    from pipeline.runtime.tracking import StageRun
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     connect(None, num_cpus=os.cpu_count())

@@ -1,4 +1,4 @@
-"""CPU milliseconds per image of the "inception" FID extractor (pipeline/inception.py).
+"""CPU milliseconds per image of the "inception" FID extractor (pipeline/features/inception.py).
 
 Times the extractor's forward (uint8 grayscale 28x28 -> TF-bilinear resize to 299 ->
 Inception pool3) on random images, per thread count, after one warm-up batch, and the
@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from pipeline.inception import InceptionFeatureExtractor, to_network_input
+from pipeline.features.extractors import InceptionFeatureExtractor
+from pipeline.features.inception import to_network_input
 
 
 def ms_per_image(fn, x, repeats):

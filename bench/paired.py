@@ -4,7 +4,7 @@ two ways (two projects or experiments), evaluated on the same inputs, groups and
     python bench/paired.py results/eval/bridge /tmp/other/results/eval/bridge [--metric fid]
 
 Prints, for every (sampler, NFE) both folders hold, a's metric, b's and the paired verdict
-of a against b (pipeline.uncertainty.compare), then each folder's best point against the
+of a against b (pipeline.evaluation.uncertainty.compare), then each folder's best point against the
 other's best.
 """
 import argparse
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.results import point_key, read_replicates
-from pipeline.uncertainty import Point, compare
+from pipeline.evaluation.results import point_key, read_replicates
+from pipeline.evaluation.uncertainty import Point, compare
 
 
 def load(folder, metric):

@@ -16,10 +16,11 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import load_params
+from pipeline.config.schema import load_params
 from pipeline.distill import make_method
-from pipeline.evaluation import plan
-from pipeline.teachers import TEACHERS, DataShape, build_teacher, teacher_config
+from pipeline.evaluation.sampling import plan
+from pipeline.models.loading import build_teacher
+from pipeline.models.teachers import TEACHERS, DataShape, teacher_config
 
 PROBE = 2  # samples in the counted step
 

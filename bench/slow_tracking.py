@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_params
-from pipeline.teachers import DataShape, DiffusionTeacherTask
-from pipeline.tracking import MetricLogger, StageRun
-from pipeline.training import LoopHooks, run_training
+from pipeline.config.schema import load_params
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+from pipeline.runtime.tracking import MetricLogger, StageRun
+from pipeline.training.loop import LoopHooks, run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -38,10 +38,10 @@ def synthetic(out, n, shard_size=1000):
 
 
 def measure(data_dir, buffer, steps):
-    from pipeline.config import load_params
+    from pipeline.config.schema import load_params
     from pipeline.data.stream import TrainData
-    from pipeline.teachers import DataShape, DiffusionTeacherTask
-    from pipeline.training import LoopHooks, run_training
+    from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+    from pipeline.training.loop import LoopHooks, run_training
     torch.set_num_threads(2)
     params = load_params(ROOT / "params.yaml")
     teacher = params.teacher.diffusion

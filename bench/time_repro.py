@@ -20,8 +20,8 @@ def teacher_step_seconds(steps=10):
     """Median seconds of one training step of the default diffusion teacher, bare loop."""
     code = f"""
 import time, torch
-from pipeline.config import load_params
-from pipeline.teachers import TEACHERS, DataShape
+from pipeline.config.schema import load_params
+from pipeline.models.teachers import TEACHERS, DataShape
 torch.set_num_threads(2)
 params = load_params("params.yaml").teacher.diffusion
 task = TEACHERS["diffusion"][1](params, DataShape(channels=1, image_size=28, conditional=True))

@@ -1,6 +1,6 @@
 """Ray Train overhead: the same training step in a bare loop and inside a 1-worker TorchTrainer.
 
-Both runs execute `pipeline.training.run_training` on the default diffusion
+Both runs execute `pipeline.training.loop.run_training` on the default diffusion
 teacher (MNIST shape, params.yaml), with the same threads, each in a fresh
 process (torch's idle OpenMP threads from one run must not steal CPU from the
 other). Throughput comes from the loop's own per-window samples/s (the first
@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_params
-from pipeline.distributed import RAY_ENV, connect, fit
-from pipeline.teachers import DataShape, DiffusionTeacherTask
-from pipeline.tracking import StageRun
-from pipeline.training import LoopHooks, TrainRun, run_training
+from pipeline.config.schema import load_params
+from pipeline.runtime.cluster import RAY_ENV, connect
+from pipeline.training.ray_train import fit
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+from pipeline.runtime.tracking import StageRun
+from pipeline.training.loop import LoopHooks, TrainRun, run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@ researcher can cite, each with the interval of the difference (docs/evaluation.m
 
 Every model was evaluated on the same inputs with the same sampling seeds, and every
 evaluation folder holds the leave-a-group-out replicates of each metric
-(pipeline.results), so two points are compared pairwise (`uncertainty.compare`): "better"
+(pipeline.evaluation.results), so two points are compared pairwise (`uncertainty.compare`): "better"
 or "worse" only when the 95 % interval of the difference excludes zero, otherwise
 "indistinguishable". The summary opens with the answer the pipeline exists for: the
 fewest NFE at which each model is not worse than its teacher's best point, and the
@@ -21,9 +21,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.outputs import atomic_path  # noqa: E402
-from pipeline.results import COLUMNS, point_key, read_replicates  # noqa: E402
-from pipeline.uncertainty import Point, compare  # noqa: E402
+from pipeline.runtime.outputs import atomic_path  # noqa: E402
+from pipeline.evaluation.results import COLUMNS, point_key, read_replicates  # noqa: E402
+from pipeline.evaluation.uncertainty import Point, compare  # noqa: E402
 
 FLOOR = ("oracle", "input")  # the floor stage's rows: the evaluated inputs' x0 and y
 

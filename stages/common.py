@@ -2,7 +2,7 @@
 
 This is the edge of the system: the only place that reads params.yaml, argv
 and environment variables (RAY_ADDRESS, MLFLOW_TRACKING_URI, PIPELINE_RUN_GROUP,
-PIPELINE_DEBUG, CI, PIPELINE_PROGRESS). Params are validated before anything
+PIPELINE_DEBUG, CI, PIPELINE_PROGRESS, PIPELINE_IMPORTS_LOG). Params are validated before anything
 heavy loads: this module imports only pydantic and PyYAML at the top, and each
 stage imports torch, Ray and MLflow inside `main()` after `load` (a typo in
 params.yaml is reported in well under a second).
@@ -14,6 +14,7 @@ output (docs/architecture.md). Bad input (`PipelineError`) ends a stage with
 one line and exit status 1; `--debug` or PIPELINE_DEBUG=1 shows the traceback.
 """
 import argparse
+import json
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config.schema import ConfigError, load_params
 from pipeline.errors import PipelineError
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -56,10 +57,24 @@ def run(main, args):
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main(args)
+        _log_imports(args)
     except PipelineError as err:
         if args.debug or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0"):
             raise
         sys.exit(f"{Path(sys.argv[0]).stem}: {err}")
+
+
+def _log_imports(args):
+    """With PIPELINE_IMPORTS_LOG set, append {stage, modules} to that file: every library
+    module this stage process loaded (tests/integration checks them against dvc.yaml's deps)."""
+    log = os.environ.get("PIPELINE_IMPORTS_LOG")
+    if not log or not getattr(args, "stage", None):
+        return
+    root = Path(sys.modules["pipeline"].__file__).resolve().parent.parent  # where the library is installed from
+    files = sorted(str(Path(m.__file__).resolve().relative_to(root)) for name, m in list(sys.modules.items())
+                   if name.split(".")[0] == "pipeline" and getattr(m, "__file__", None))
+    with open(log, "a") as f:
+        f.write(json.dumps({"stage": args.stage, "modules": files}) + "\n")
 
 
 class UndeclaredParam(PipelineError, AttributeError):
@@ -136,19 +151,20 @@ def load(args, stage):
         reasons = str(err)  # one line per bad key, each naming the file and the key
         sys.exit(f"invalid params: {reasons}" if "\n" not in reasons else f"invalid params:\n{reasons}")
     view = ParamsView(params, [*stage_params(stage), *ALWAYS_READABLE], stage)
+    args.stage = stage
     if args.dry_run:
         print(yaml.safe_dump(view.dump(), sort_keys=False))
         sys.exit(0)
     uri = tracking_uri(view)
     if uri.startswith(("http://", "https://")):  # a server that is down: one line, before Ray starts
-        from pipeline.tracking import check_reachable
+        from pipeline.runtime.tracking import check_reachable
         check_reachable(uri)
     return view
 
 
 def connect_ray():
     """Join RAY_ADDRESS if set, else start a local Ray sized to the machine."""
-    from pipeline.distributed import RAY_ENV, connect
+    from pipeline.runtime.cluster import RAY_ENV, connect
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     connect(os.environ.get("RAY_ADDRESS"), num_cpus=os.cpu_count())
@@ -165,13 +181,13 @@ def progress_enabled():
 
 
 def tracking_uri(params):
-    from pipeline.tracking import default_uri
+    from pipeline.runtime.tracking import default_uri
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri or default_uri(PROJECT)
 
 
 def run_group(params_file):
     """Tag shared by the runs of one `dvc repro`: PIPELINE_RUN_GROUP, else commit + params."""
-    from pipeline.tracking import git_commit, params_hash
+    from pipeline.runtime.tracking import git_commit, params_hash
     if os.environ.get("PIPELINE_RUN_GROUP"):
         return os.environ["PIPELINE_RUN_GROUP"]
     raw = yaml.safe_load(Path(params_file).read_text())
@@ -180,7 +196,7 @@ def run_group(params_file):
 
 def stage_run(params, args, stage, model="", method="", teacher="", extra_tags=None):
     """An MLflow run for this stage execution, tagged, with the stage's params logged."""
-    from pipeline.tracking import StageRun, git_commit, params_hash
+    from pipeline.runtime.tracking import StageRun, git_commit, params_hash
     dumped = params.dump()
     tags = {"stage": stage, "model": model, "method": method, "teacher": teacher,
             "git_commit": git_commit(PROJECT), "params_hash": params_hash(dumped),

@@ -7,8 +7,8 @@ from pipeline.distill import METHODS
 def main(args):
     params = common.load(args, f"distill@{args.method}")
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.distributed import fit
-    from pipeline.jobs import distill_job
+    from pipeline.training.ray_train import fit
+    from pipeline.training.jobs import distill_job
 
     # Fails fast, naming the file, on a wrong-kind teacher or a bad shard, before Ray starts.
     job = distill_job(args.method, getattr(params.distill, args.method), args.data, args.teacher)

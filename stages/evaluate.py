@@ -15,9 +15,10 @@ def main(args):
     check_device(ev.device)  # before anything is loaded
     # Heavy imports only after the params validated (see common.py).
     from pipeline.data.shards import load_split
-    from pipeline.evaluation import describe, evaluate_model, load_model
-    from pipeline.results import METRICS, FeatureSpace, write_evaluation
-    from pipeline.scoring import Scorer
+    from pipeline.evaluation.sampling import describe, evaluate_model
+    from pipeline.models.loading import load_model
+    from pipeline.evaluation.results import METRICS, FeatureSpace, write_evaluation
+    from pipeline.evaluation.scoring import Scorer
 
     method, teacher = describe(load_model(args.model, args.name))  # fails fast on a missing or wrong-kind checkpoint
     features = FeatureSpace.load(args.features)  # fails fast, naming info.json and the features stage
@@ -53,7 +54,7 @@ def sampling(device):
     """(number of sampling jobs, map_fn, feature-extraction device) for evaluate.device: one job
     per CPU of the cluster, or one per GPU, each holding its GPU, with the features extracted on
     this process's GPU when it sees one."""
-    from pipeline.distributed import cluster_cpus, cluster_gpus, parallel_map
+    from pipeline.runtime.cluster import cluster_cpus, cluster_gpus, parallel_map
     if device == "cpu":
         return cluster_cpus(), parallel_map, "cpu"
     import torch

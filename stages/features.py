@@ -9,12 +9,12 @@ REFERENCE = "reference"  # the FID reference set: the reference split's clean im
 def main(args):
     params = common.load(args, "features")
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.classifier import accuracy, load_classifier
+    from pipeline.features.classifier import accuracy, load_classifier
     from pipeline.data.shards import load_split
-    from pipeline.distributed import fit
-    from pipeline.fid import cache_reference_statistics, fid_label, resolve_weights
-    from pipeline.jobs import features_job
-    from pipeline.outputs import staging_dir, write_json
+    from pipeline.training.ray_train import fit
+    from pipeline.features.fid import cache_reference_statistics, fid_label, resolve_weights
+    from pipeline.training.jobs import features_job
+    from pipeline.runtime.outputs import staging_dir, write_json
 
     feats = params.features
     job = features_job(feats, args.data)  # checks every shard: fails fast, naming it

@@ -7,9 +7,9 @@ def main(args):
     params = common.load(args, "floor")
     # Heavy imports only after the params validated (see common.py).
     from pipeline.data.shards import load_split
-    from pipeline.evaluation import score_all
-    from pipeline.results import METRICS, FeatureSpace, write_evaluation
-    from pipeline.scoring import Scorer
+    from pipeline.evaluation.sampling import score_all
+    from pipeline.evaluation.results import METRICS, FeatureSpace, write_evaluation
+    from pipeline.evaluation.scoring import Scorer
 
     ev = params.evaluate
     features = FeatureSpace.load(args.features)  # fails fast, naming info.json and the features stage

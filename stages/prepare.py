@@ -7,7 +7,7 @@ def main(args):
     # Heavy imports only after the params validated (see common.py).
     from pipeline.data.prepare import prepare_dataset
     from pipeline.data.sources import check_source
-    from pipeline.distributed import parallel_map
+    from pipeline.runtime.cluster import parallel_map
 
     check_source(params.data.source)  # missing or empty folders fail here, before Ray starts
 

@@ -7,7 +7,7 @@ import common
 def main(args):
     params = common.load(args, "report")
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.results import FeatureSpace
+    from pipeline.evaluation.results import FeatureSpace
     from pipeline.report import write_report
 
     fid_name = FeatureSpace.load(args.features).fid_name

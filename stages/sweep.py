@@ -3,7 +3,7 @@
     python stages/sweep.py sweeps/ibmd_lr_lk.yaml
 
 Checks the sweep file against params.yaml and the stage's dvc.yaml entry, then runs the
-trials (pipeline.sweep_driver): ASHA stops weak ones, each is an MLflow child run of the
+trials (pipeline.tuning.driver): ASHA stops weak ones, each is an MLflow child run of the
 sweep's run, and results/sweeps/<name>/best.json holds the `dvc exp run -S ...` command
 that reproduces the best trial. The same command again resumes; --restart discards it.
 """
@@ -12,8 +12,8 @@ import yaml
 
 
 def main(args):
-    from pipeline.config import load_params, read_params
-    from pipeline.sweep import check_spec, load_spec
+    from pipeline.config.schema import load_params, read_params
+    from pipeline.tuning.sweep import check_spec, load_spec
     raw, name = read_params(args.params), args.sweep_file.stem
     load_params(args.params)  # params.yaml itself is valid
     spec = load_spec(args.sweep_file)
@@ -28,10 +28,10 @@ def main(args):
         print(yaml.safe_dump({"sweep": name, "stage": spec.stage, "trials": spec.trials(),
                               **spec.model_dump(mode="json", exclude_none=True)}, sort_keys=False))
         return
-    from pipeline.jobs import (
+    from pipeline.training.jobs import (
         params_section,  # torch: only once the sweep is known to be valid
     )
-    from pipeline.sweep_driver import SweepPlaces, run_sweep
+    from pipeline.tuning.driver import SweepPlaces, run_sweep
     teacher = next((outs[s] for s in common.upstream_stages(spec.stage) if s.startswith("teacher@")), None)
     places = SweepPlaces(outs["prepare"], outs["features"], teacher, args.storage,
                          args.out or common.PROJECT / "results" / "sweeps" / name, common.PROJECT / "mlartifacts")

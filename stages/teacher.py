@@ -1,21 +1,21 @@
 """DVC stage `teacher@<name>`: train a teacher as a Ray Train job, write its checkpoint."""
 import common
 
-from pipeline.settings import TEACHER_NAMES
+from pipeline.config.settings import TEACHER_NAMES
 
 
 def main(args):
     params = common.load(args, f"teacher@{args.name}")
     section = getattr(params.teacher, args.name)
     if getattr(section, "pretrained", None) is not None:  # nothing to train: embed the model
-        from pipeline.pretrained import write_pretrained_teacher
+        from pipeline.models.pretrained import write_pretrained_teacher
         with common.stage_run(params, args, "teacher", model=args.name, method="pretrained", teacher=args.name):
             write_pretrained_teacher(args.out, section.pretrained, section, args.data)
         print(f"teacher@{args.name}: wrote {args.out} from {section.pretrained.path}")
         return
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.distributed import fit
-    from pipeline.jobs import teacher_job
+    from pipeline.training.ray_train import fit
+    from pipeline.training.jobs import teacher_job
 
     job = teacher_job(args.name, getattr(params.teacher, args.name), args.data)  # checks every shard
     common.connect_ray()

@@ -40,7 +40,7 @@ def smoke_params():
 def ray_address():
     import ray
 
-    from pipeline.distributed import RAY_ENV
+    from pipeline.runtime.cluster import RAY_ENV
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

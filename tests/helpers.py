@@ -14,10 +14,10 @@ import math
 import torch
 from torch import nn
 
-from pipeline.bridge import BridgeSchedule
-from pipeline.schedules import edm_precond
-from pipeline.settings import BridgeScheduleParams, BridgeTeacherParams, DiffusionTeacherParams, EDMSchedule
-from pipeline.teachers import DataShape, EDMDenoiser, Teacher
+from pipeline.models.bridge import BridgeSchedule
+from pipeline.models.schedules import edm_precond
+from pipeline.config.settings import BridgeScheduleParams, BridgeTeacherParams, DiffusionTeacherParams, EDMSchedule
+from pipeline.models.teachers import DataShape, EDMDenoiser, Teacher
 
 
 def col(v):  # (B,) -> (B, 1, 1, 1)
@@ -235,7 +235,7 @@ from pydantic import Field  # noqa: E402
 
 from pipeline.distill import Registration  # noqa: E402
 from pipeline.distill.base import Method, batch_noise, trainable_copy  # noqa: E402
-from pipeline.settings import Params, TrainParams  # noqa: E402
+from pipeline.config.settings import Params, TrainParams  # noqa: E402
 
 
 class ThrowawayParams(Params):

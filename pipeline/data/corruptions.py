@@ -1,6 +1,6 @@
 """Corruptions x0 -> y: the observation a conditional model (or a bridge) starts from.
 
-Each corruption's settings live in `pipeline.settings` (torch-free, so params
+Each corruption's settings live in `pipeline.config.settings` (torch-free, so params
 validate fast); here `APPLY[kind](params, x0, seeds)` maps clean images x0
 (N, C, H, W) in [-1, 1] to y of the same shape, float32. Randomness
 (random masks, noise) comes from one generator per sample seeded by
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import to_float, to_uint8
-from pipeline.settings import Corruption  # noqa: F401  (re-exported for callers)
+from pipeline.config.settings import Corruption  # noqa: F401  (re-exported for callers)
 
 
 def generators(seeds):

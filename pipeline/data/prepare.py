@@ -17,7 +17,7 @@ from pipeline.data import to_float
 from pipeline.data.corruptions import corrupt
 from pipeline.data.shards import FORMAT_VERSION, write_manifest, write_split
 from pipeline.data.sources import load_source, split
-from pipeline.outputs import staging_dir
+from pipeline.runtime.outputs import staging_dir
 
 
 def check_combination(source, corruption):

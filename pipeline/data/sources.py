@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.data import DataError
-from pipeline.settings import Source  # noqa: F401  (re-exported for callers)
+from pipeline.config.settings import Source  # noqa: F401  (re-exported for callers)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

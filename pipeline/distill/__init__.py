@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from pipeline.settings import NfeList, Params, TrainParams
+from pipeline.config.settings import NfeList, Params, TrainParams
 
 
 def _student_train(**overrides):
@@ -137,7 +137,7 @@ class PDParams(Params):
 @dataclass(frozen=True)
 class Registration:
     """One method: the teacher it distils, its params model, its implementation."""
-    teacher: str  # "diffusion" or "bridge" (pipeline.teachers.TEACHERS)
+    teacher: str  # "diffusion" or "bridge" (pipeline.models.teachers.TEACHERS)
     params: type[Params]
     implementation: str  # "module:Class" of its base.Method subclass, imported on demand
 
@@ -173,9 +173,3 @@ def name_of(params) -> str:
 def make_method(name, params, teacher):
     """The method `name` with its validated params block, distilling `teacher`."""
     return registration(name).load()(params, teacher)
-
-
-def load_student(path):
-    """A trained student from its self-describing checkpoint (see base.load_student)."""
-    from pipeline.distill.base import load_student as load
-    return load(path)

@@ -1,4 +1,5 @@
-"""The interface every distillation method implements, and the student it produces.
+"""The interface every distillation method implements (the trained student it produces is a
+`models.students.Student`, loaded by `models.loading.load_student`).
 
 A method is a `Method`: a frozen params model (registered in `pipeline.distill`) plus
 - `build()`: init from the frozen teacher: {"student": ..., [auxiliary nets]},
@@ -14,18 +15,15 @@ trains it like a teacher. The frozen teacher lives on the method, not in
 `build()`'s dict: it is never checkpointed, wrapped in DDP or averaged.
 """
 import copy
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.distill import METHODS, name_of, registration
-from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.settings import Params
-from pipeline.teachers import Teacher, build_teacher, teacher_config
-from pipeline.training import Task
+from pipeline.distill import name_of, registration
+from pipeline.config.settings import Params
+from pipeline.models.teachers import Teacher, teacher_config
+from pipeline.training.loop import Task
 
 
 def col(v):  # (B,) -> (B, 1, 1, 1) to broadcast over images
@@ -44,8 +42,8 @@ def frozen_copy(net: nn.Module) -> nn.Module:
 
 def unwrap(net):
     """The module inside its training wrappers (torch.compile, bf16 autocast, DDP; see
-    pipeline.compute.for_training), or the module itself."""
-    from pipeline.compute import Autocast
+    pipeline.training.compute.for_training), or the module itself."""
+    from pipeline.training.compute import Autocast
     while True:
         if hasattr(net, "_orig_mod"):  # torch.compile's OptimizedModule
             net = net._orig_mod
@@ -117,43 +115,3 @@ def student_config(method: Method):
     return {"method": method.name,
             "params": method.params.model_dump(mode="json"),
             "teacher": teacher_config(t.name, t.params, t.shape, t.denoiser)}
-
-
-@dataclass
-class Student:
-    """A trained student ready to sample, with the same `sample` signature as `Teacher`."""
-    method: Method
-    net: nn.Module
-
-    @property
-    def name(self):
-        return self.method.name
-
-    @property
-    def teacher_name(self):
-        return self.method.teacher.name
-
-    def sample(self, sampler, y, noise, nfe, guidance=0.0, grid=None):
-        """(x0 samples, NFE spent); `sampler` must be "student". `grid` is the teachers'
-        option and is ignored: a student samples on the grid its params define."""
-        if sampler != "student":
-            raise ValueError(f"a {self.name} student has one sampler, 'student', not {sampler!r}")
-        self.method.check_sample_args(nfe, guidance)
-        y = y if self.method.conditional else None
-        counted = CountingDenoiser(self.net)
-        with torch.no_grad():
-            x = self.method.sample(counted, y, noise, nfe, guidance)
-        if counted.calls != nfe:
-            raise RuntimeError(f"{self.name} student: asked for {nfe} NFE, made {counted.calls} calls")
-        return x, counted.calls
-
-
-def load_student(path):
-    """Rebuild a student from its self-describing checkpoint (any registered method)."""
-    payload = load_checkpoint(path, kinds={f"student_{m}" for m in METHODS})
-    config = payload["config"]
-    entry = registration(config["method"])
-    method = entry.load()(entry.params.model_validate(config["params"]), build_teacher(config["teacher"]))
-    net = method.build()["student"]
-    net.load_state_dict(payload["state"]["student"])
-    return Student(method, net.eval().requires_grad_(False))

@@ -23,8 +23,8 @@ from functools import partial
 from pipeline.distill.base import Method, frozen_copy, trainable_copy
 from pipeline.distill.consistency import (ConsistencyFunction, consistency_loss, distance, draw_pairs,
                                           karras_grid, multistep_sample, teacher_step, vp_grid, vp_timeline)
-from pipeline.schedules import karras_sigmas
-from pipeline.training import update_ema
+from pipeline.models.schedules import karras_sigmas
+from pipeline.training.loop import update_ema
 
 
 class ConsistencyDistillation(Method):

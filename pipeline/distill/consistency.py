@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.distill.base import batch_noise, col
-from pipeline.schedules import edm_precond, karras_sigmas, vp_sigma, vp_sigma_inv
+from pipeline.models.schedules import edm_precond, karras_sigmas, vp_sigma, vp_sigma_inv
 
 
 # CD boundary scalings (Song et al. 2023, Appendix C): f(x, smin) = x exactly.

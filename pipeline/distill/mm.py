@@ -50,8 +50,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from pipeline.distill.base import Method, batch_noise, col, trainable_copy
-from pipeline.schedules import edm_loss_weight, edm_precond, step_sigmas, vp_sigma, vp_sigma_inv
-from pipeline.training import optimizer_step
+from pipeline.models.schedules import edm_loss_weight, edm_precond, step_sigmas, vp_sigma, vp_sigma_inv
+from pipeline.training.loop import optimizer_step
 
 
 class StepAwareDenoiser(nn.Module):

@@ -25,7 +25,7 @@ Decisions on (unconfirmed) details:
 import torch
 
 from pipeline.distill.base import Method, batch_noise, col, frozen_copy, trainable_copy, unwrap
-from pipeline.schedules import vp_sigmas
+from pipeline.models.schedules import vp_sigmas
 
 
 # DDIM, eta = 0 (Song et al. 2021, Eq. 12) in sigma space.

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from pipeline.schedules import step_sigmas
+from pipeline.models.schedules import step_sigmas
 
 
 def guided(denoise, x, sigma, y, guidance):

@@ -5,14 +5,16 @@ about plumbing (shapes, gradients, NFE), not quality. A throw-away method
 import pytest
 import torch
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.distill import METHODS, load_student, make_method
-from pipeline.distill.base import Student, student_config, unwrap
-from pipeline.noise import SeededNoise
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.distill import METHODS, make_method
+from pipeline.distill.base import student_config, unwrap
+from pipeline.models.loading import build_teacher, load_student
+from pipeline.models.students import Student
+from pipeline.evaluation.noise import SeededNoise
 from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.settings import BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams
-from pipeline.teachers import DataShape, build_teacher, teacher_config
-from pipeline.training import run_training
+from pipeline.config.settings import BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, teacher_config
+from pipeline.training.loop import run_training
 from tests.helpers import THROWAWAY
 
 SHAPE = DataShape(channels=1, image_size=8, conditional=True)

@@ -6,9 +6,9 @@ import functools
 import pytest
 import torch
 
-from pipeline.settings import ComputeParams, DiffusionTeacherParams, RayParams, TrainParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask
-from pipeline.training import LoopHooks, TrainRun, run_training
+from pipeline.config.settings import ComputeParams, DiffusionTeacherParams, RayParams, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+from pipeline.training.loop import LoopHooks, TrainRun, run_training
 from tests.helpers import square_images
 
 pytestmark = pytest.mark.gpu
@@ -38,7 +38,7 @@ def test_bf16_tf32_channels_last_training_on_cuda_lowers_the_loss():
 def test_the_class_conditional_profile_network_trains_in_bf16_on_cuda():
     """profiles/cifar10-class.yaml's teacher (26.7M parameters, attention at 16x16, labels)
     under the profile's compute options: finite, falling loss on labelled 32x32 RGB data."""
-    from pipeline.config import load_params
+    from pipeline.config.schema import load_params
     from tests.conftest import ROOT
     params = load_params(ROOT / "profiles" / "cifar10-class.yaml")
     g = torch.Generator().manual_seed(0)
@@ -62,8 +62,8 @@ def require_nccl(metrics, state, context):
 def test_torch_trainer_with_use_gpu_trains_over_nccl(ray_address, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.distributed import fit
-    from pipeline.tracking import StageRun
+    from pipeline.training.ray_train import fit
+    from pipeline.runtime.tracking import StageRun
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = StageRun(uri, "test", "gpu", {"group": "g", "stage": "teacher"}, {},
                    artifact_root=(tmp_path / "artifacts").as_uri())
@@ -80,13 +80,14 @@ def test_torch_trainer_with_use_gpu_trains_over_nccl(ray_address, tmp_path):
 def sampling_on(device, tmp_path):
     """{(model, sampler, nfe): samples} of sample_shard on `device`, for tiny untrained teachers
     and every registered student on 8x8 digits (2x super-resolution)."""
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.checkpoint import save_checkpoint
     from pipeline.data.prepare import prepare_dataset
     from pipeline.distill import METHODS, make_method
     from pipeline.distill.base import student_config
-    from pipeline.evaluation import ShardJob, load_model, model_plan, sample_shard
-    from pipeline.settings import DigitsSource, EvaluateParams, SuperResolution
-    from pipeline.teachers import TEACHERS, build_teacher, teacher_config
+    from pipeline.evaluation.sampling import ShardJob, model_plan, sample_shard
+    from pipeline.models.loading import build_teacher, load_model
+    from pipeline.config.settings import DigitsSource, EvaluateParams, SuperResolution
+    from pipeline.models.teachers import TEACHERS, teacher_config
     data = tmp_path / "data"
     if not data.exists():
         prepare_dataset(DigitsSource(), SuperResolution(factor=2), n_test=16, shard_size=400, seed=0, out_dir=data)

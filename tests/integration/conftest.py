@@ -61,6 +61,7 @@ def project(tmp_path_factory, ray_address, mlflow_server):
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    env["PIPELINE_IMPORTS_LOG"] = str(tmp_path_factory.mktemp("imports") / "imports.jsonl")  # what each stage loaded
     sh("git init -q && git add -A && git commit -qm smoke", root, env)
     tick = time.perf_counter()
     sh("dvc repro", root, env)

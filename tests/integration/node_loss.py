@@ -23,7 +23,9 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.distributed import RAY_ENV, fit, parallel_map
+from pipeline.runtime.cluster import RAY_ENV, parallel_map
+
+from pipeline.training.ray_train import fit
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT = "node-loss result: "  # prefixes the one stdout line the test reads (Ray logs go to stdout too)
@@ -43,10 +45,10 @@ def read_journal(path):
 
 
 def train(out):
-    from pipeline.faults import Pace, StepJournal
-    from pipeline.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
-    from pipeline.teachers import DataShape, DiffusionTeacherTask
-    from pipeline.training import TrainRun
+    from pipeline.training.faults import Pace, StepJournal
+    from pipeline.config.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
+    from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+    from pipeline.training.loop import TrainRun
     from tests.helpers import square_images
 
     cluster, workers = start_cluster(nodes=3)
@@ -88,11 +90,11 @@ def train(out):
 
 
 def evaluate(out, project):
-    from pipeline.config import load_params
+    from pipeline.config.schema import load_params
     from pipeline.data.shards import load_split
-    from pipeline.evaluation import evaluate_model
-    from pipeline.results import FeatureSpace
-    from pipeline.scoring import Scorer
+    from pipeline.evaluation.sampling import evaluate_model
+    from pipeline.evaluation.results import FeatureSpace
+    from pipeline.evaluation.scoring import Scorer
 
     cluster, workers = start_cluster(nodes=2)
     ev = load_params(project / "params.yaml").evaluate

@@ -13,7 +13,7 @@ import torch
 from nbconvert.preprocessors import ExecutePreprocessor
 from torchvision.utils import save_image
 
-from pipeline.results import COLUMNS
+from pipeline.evaluation.results import COLUMNS
 from tests.conftest import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "compare.ipynb"

@@ -4,6 +4,7 @@ input rejected without touching what earlier stages produced."""
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.shards import sha256
-from pipeline.results import COLUMNS
+from pipeline.evaluation.results import COLUMNS
 
 from tests.conftest import smoke_params
 from tests.integration.conftest import sh
@@ -88,6 +89,27 @@ def test_mlflow_has_tagged_runs_and_fid_curves(project):
     distilled = [r for r in runs if r.data.tags["stage"] == "distill" and r.data.tags["model"] == "ibmd"][0]
     assert distilled.data.tags["teacher"] == "bridge"
     assert client.get_metric_history(distilled.info.run_id, "train/loss")
+
+
+def test_every_module_a_stage_loaded_is_one_of_its_deps(project):
+    """The dynamic half of tests/unit/test_dvc_yaml.py: every library module a stage process of
+    the smoke chain really loaded (lazy imports included) lies under one of its dvc.yaml deps,
+    so no edit of a module can leave that stage's output stale."""
+    from dvc.repo import Repo
+
+    from tests.unit.test_dvc_yaml import PLUMBING
+    root, env = project
+    deps = {s.addressing: [d.def_path for d in s.deps] for s in Repo(str(root)).index.stages}
+    logged = [json.loads(line) for line in Path(env["PIPELINE_IMPORTS_LOG"]).read_text().splitlines()]
+    assert {entry["stage"] for entry in logged} == set(deps)  # every stage ran and logged
+    missing = {}
+    for entry in logged:
+        uncovered = [m for m in entry["modules"] if not m.startswith(PLUMBING)
+                     and not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps[entry["stage"]])]
+        if uncovered:
+            missing[entry["stage"]] = uncovered
+    assert not missing, f"stages loaded library modules their dvc.yaml entry does not list: {missing}"
+    assert any("pipeline/models/teachers.py" in e["modules"] for e in logged if e["stage"] == "teacher@bridge")
 
 
 def test_second_repro_runs_nothing(project):

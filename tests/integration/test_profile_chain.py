@@ -89,8 +89,7 @@ def test_the_chain_completes_and_is_up_to_date(chain):
 
 def test_the_models_take_the_label_and_attend_at_16x16(chain):
     root, _, params = chain
-    from pipeline.distill import load_student
-    from pipeline.teachers import load_teacher
+    from pipeline.models.loading import load_student, load_teacher
     teacher = load_teacher(root / "models" / "diffusion.pt")
     assert teacher.shape.classes == CLASSES and not teacher.shape.conditional
     assert sorted(teacher.denoiser.net.attn) == ["down0", "up1"]  # the 16x16 level of 32x32 at patch 2

@@ -6,12 +6,12 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.distributed import fit
-from pipeline.faults import CrashOnce
-from pipeline.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask
-from pipeline.tracking import StageRun
-from pipeline.training import TrainRun
+from pipeline.training.ray_train import fit
+from pipeline.training.faults import CrashOnce
+from pipeline.config.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+from pipeline.runtime.tracking import StageRun
+from pipeline.training.loop import TrainRun
 from tests.helpers import square_images as toy_data
 
 # Each takes about a minute; a Ray Train job that waits for resources that never free up

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint
 from tests.conftest import smoke_params
 from tests.mlflow_server import MlflowServer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.bridge import BridgeSchedule, bridge_loss_weight, bridge_precond, sample_training_t
+from pipeline.models.bridge import BridgeSchedule, bridge_loss_weight, bridge_precond, sample_training_t
 
 KINDS = ["i2sb", "vp"]
 F64 = torch.float64

@@ -10,12 +10,12 @@ from torch.func import functional_call, jvp
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.shards import load_split
 from pipeline.distill import METHODS, make_method
-from pipeline.distill.base import Student
-from pipeline.nets import Attention, UNet
-from pipeline.noise import SeededNoise
-from pipeline.settings import DiffusionTeacherParams, DigitsSource, NoCorruption, TrainParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask, EDMDenoiser, Teacher
-from pipeline.training import run_training
+from pipeline.models.students import Student
+from pipeline.models.nets import Attention, UNet
+from pipeline.evaluation.noise import SeededNoise
+from pipeline.config.settings import DiffusionTeacherParams, DigitsSource, NoCorruption, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask, EDMDenoiser, Teacher
+from pipeline.training.loop import run_training
 from tests.helpers import square_images
 
 pytestmark = pytest.mark.scale
@@ -86,7 +86,7 @@ def test_prepare_marks_a_labelled_split_and_its_condition_is_the_label(tmp_path)
 def test_labels_without_classes_are_refused_in_one_line(tmp_path):
     from PIL import Image
 
-    from pipeline.settings import FolderSource
+    from pipeline.config.settings import FolderSource
     for i in range(8):  # a flat folder: one class
         Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
     with pytest.raises(ValueError, match=r"needs a source with at least 2 classes; data.source \(folder\) has 1"):

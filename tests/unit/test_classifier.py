@@ -6,8 +6,8 @@ import torch
 from pydantic import ValidationError
 from sklearn.datasets import load_digits
 
-from pipeline.settings import ClassifierParams, TrainParams
-from pipeline.classifier import (
+from pipeline.config.settings import ClassifierParams, TrainParams
+from pipeline.features.classifier import (
     Classifier,
     accuracy,
     classification_loss,

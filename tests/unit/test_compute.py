@@ -1,14 +1,14 @@
-"""The device options of `ray.compute` (pipeline.compute) on the CPU: each option reaches the
+"""The device options of `ray.compute` (pipeline.training.compute) on the CPU: each option reaches the
 networks the loop trains, a bf16-autocast step runs and lowers the loss, and with every
 option off the loop computes exactly what it computed without them."""
 import pytest
 import torch
 
-from pipeline import compute
+from pipeline.training import compute
 from pipeline.distill.base import unwrap
-from pipeline.settings import ComputeParams, DiffusionTeacherParams, TrainParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask
-from pipeline.training import LoopHooks, run_training
+from pipeline.config.settings import ComputeParams, DiffusionTeacherParams, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+from pipeline.training.loop import LoopHooks, run_training
 from tests.helpers import square_images
 
 pytestmark = pytest.mark.scale

@@ -7,8 +7,8 @@ import time
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_params, parse_params
-from pipeline.settings import BRIDGE_SAMPLER_NAMES, DIFFUSION_SAMPLER_NAMES, TEACHER_NAMES
+from pipeline.config.schema import ConfigError, load_params, parse_params
+from pipeline.config.settings import BRIDGE_SAMPLER_NAMES, DIFFUSION_SAMPLER_NAMES, TEACHER_NAMES
 from tests.conftest import ROOT, smoke_params
 
 
@@ -26,7 +26,7 @@ def test_shipped_params_and_smoke_profile_are_valid():
 
 def test_names_in_settings_match_the_registries():
     from pipeline.samplers import BRIDGE_SAMPLERS, DIFFUSION_SAMPLERS
-    from pipeline.teachers import TEACHERS
+    from pipeline.models.teachers import TEACHERS
     assert set(DIFFUSION_SAMPLER_NAMES) == set(DIFFUSION_SAMPLERS)
     assert set(BRIDGE_SAMPLER_NAMES) == set(BRIDGE_SAMPLERS)
     assert set(TEACHER_NAMES) == set(TEACHERS)

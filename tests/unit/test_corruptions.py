@@ -4,7 +4,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.data.corruptions import corrupt
-from pipeline.settings import (
+from pipeline.config.settings import (
     Blur, Corruption, Inpaint, Jpeg, NoCorruption, Noise, PairedCorruption, Sketch, SuperResolution)
 
 SEEDS = list(range(100, 110))

@@ -12,7 +12,7 @@ from pipeline.data.corruptions import corrupt
 from pipeline.data.prepare import corrupt_shard, prepare_dataset, sample_seed
 from pipeline.data.shards import load_split, read_manifest, write_manifest, write_split
 from pipeline.data.sources import RawData, load_source, split
-from pipeline.settings import (Cifar10Source, DigitsSource, FolderSource, Inpaint, Mnist5kSource,
+from pipeline.config.settings import (Cifar10Source, DigitsSource, FolderSource, Inpaint, Mnist5kSource,
                                NoCorruption, PairedCorruption, PairedSource, Source, SuperResolution)
 
 

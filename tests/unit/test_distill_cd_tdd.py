@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from pipeline.distill import ConsistencyParams, TDDParams
-from pipeline.distill.base import Student
+from pipeline.models.students import Student
 from pipeline.distill.cd import ConsistencyDistillation
 from pipeline.distill.consistency import boundary_scalings, raw_output
 from pipeline.distill.tdd import TargetDrivenDistillation, dynamic_threshold, equidistant_schedule
-from pipeline.noise import SeededNoise
+from pipeline.evaluation.noise import SeededNoise
 from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.schedules import edm_precond
-from pipeline.settings import DiffusionTeacherParams, TrainParams, UNetParams
-from pipeline.teachers import DataShape, EDMDenoiser
-from pipeline.training import run_training
+from pipeline.models.schedules import edm_precond
+from pipeline.config.settings import DiffusionTeacherParams, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, EDMDenoiser
+from pipeline.training.loop import run_training
 from tests.helpers import COND_A as A
 from tests.helpers import COND_MU as MU
 from tests.helpers import COND_S as S

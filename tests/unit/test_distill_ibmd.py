@@ -21,10 +21,10 @@ import torch
 
 from pipeline.distill import METHODS, IBMDParams
 from pipeline.distill.ibmd import IBMD
-from pipeline.noise import SeededNoise
+from pipeline.evaluation.noise import SeededNoise
 from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.settings import TrainParams
-from pipeline.training import LoopHooks, run_training
+from pipeline.config.settings import TrainParams
+from pipeline.training.loop import LoopHooks, run_training
 from tests.helpers import BRIDGE_M as M
 from tests.helpers import BRIDGE_POST_VAR as POST_VAR
 from tests.helpers import BRIDGE_R as R

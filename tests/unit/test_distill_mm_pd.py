@@ -9,13 +9,13 @@ import copy
 import torch
 
 from pipeline.distill import MMParams, PDParams
-from pipeline.distill.base import Student
+from pipeline.models.students import Student
 from pipeline.distill.mm import MomentMatching
 from pipeline.distill.pd import ProgressiveDistillation
-from pipeline.noise import SeededNoise
+from pipeline.evaluation.noise import SeededNoise
 from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.settings import TrainParams
-from pipeline.training import LoopHooks, run_training
+from pipeline.config.settings import TrainParams
+from pipeline.training.loop import LoopHooks, run_training
 from tests.helpers import GAUSS_MEAN as MEAN
 from tests.helpers import GAUSS_VAR as VAR
 from tests.helpers import gaussian_data as toy_data

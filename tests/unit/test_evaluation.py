@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.checkpoint import save_checkpoint
+from pipeline.models.checkpoint import save_checkpoint
 from pipeline.data.shards import write_manifest, write_split
-from pipeline.evaluation import merge_shards, plan, sample_shard, shard_jobs, split_by_plan
+from pipeline.evaluation.sampling import merge_shards, plan, sample_shard, shard_jobs, split_by_plan
 from pipeline.report import pareto_front
-from pipeline.settings import DiffusionTeacherParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask, teacher_config
+from pipeline.config.settings import DiffusionTeacherParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask, teacher_config
 
 
 def test_plan_uses_reachable_nfe_only():
@@ -30,7 +30,7 @@ def test_max_nfe_caps_only_the_named_sampler():
 def test_max_nfe_names_only_samplers_of_the_family():
     from pydantic import ValidationError
 
-    from pipeline.settings import EvaluateParams
+    from pipeline.config.settings import EvaluateParams
     assert EvaluateParams(max_nfe={"bridge": {"posterior_ode": 8}}).max_nfe.bridge == {"posterior_ode": 8}
     with pytest.raises(ValidationError, match="unknown or repeated sampler"):
         EvaluateParams(max_nfe={"bridge": {"dpmpp_2m": 8}})  # a diffusion sampler
@@ -95,7 +95,7 @@ def write_folder(root, model, method, teacher, points, groups=10, seed=0, folder
     """An evaluation folder whose replicates are estimate + noise: {(sampler, nfe): (fid, spread)}."""
     import numpy as np
 
-    from pipeline.results import METRICS, point_key, write_evaluation
+    from pipeline.evaluation.results import METRICS, point_key, write_evaluation
     rng = np.random.default_rng(seed)
     rows, reps = [], {}
     for (sampler, nfe), (fid, spread, sec) in points.items():

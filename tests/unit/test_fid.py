@@ -4,16 +4,12 @@ import torch
 from sklearn.datasets import load_digits
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from pipeline import fid
-from pipeline.classifier import Classifier, save_classifier, train_classifier
-from pipeline.settings import ClassifierParams, TrainParams
-from pipeline.fid import (
-    ClassifierFeatureExtractor,
-    cache_reference_statistics,
-    fid_label,
-    fidelity_metrics,
-    register_classifier_extractor,
-)
+from pipeline.features import fid
+from pipeline.features.classifier import Classifier, save_classifier, train_classifier
+from pipeline.config.settings import ClassifierParams, TrainParams
+from pipeline.features.extractors import ClassifierFeatureExtractor, register_classifier_extractor, register_extractors
+from pipeline.features.fid import cache_reference_statistics, extract_features, fid_label, fidelity_metrics
+from pipeline.features.layers import FID_LAYERS
 from tests.conftest import one_torch_thread
 
 KID_SUBSETS = 20  # fewer than the default 100: same behaviour, a fraction of the time
@@ -205,6 +201,38 @@ def test_registration_is_idempotent():
     register_classifier_extractor()
     register_classifier_extractor()
     assert FEATURE_EXTRACTORS_REGISTRY[fid.CLASSIFIER] is ClassifierFeatureExtractor
+
+
+def test_direct_classifier_features_equal_torch_fidelitys_to_the_bit(digits, weights):
+    """extract_features computes the classifier's features without torch-fidelity (scoring never
+    imports it); they equal what torch-fidelity's own extraction of the same extractor gives, in
+    the same batches, exactly. An odd batch size leaves a short last batch."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    path, _ = weights
+    x = digits[0][:203]
+    ours = extract_features(x, weights_path=path, batch_size=64)
+    register_extractors()
+    net = create_feature_extractor("classifier", ["penultimate"], cuda=False,
+                                   feature_extractor_weights_path=str(path), verbose=False)
+    theirs = get_featuresdict_from_dataset(fid._UInt8Images(x), net, 64, False, save_cpu_ram=True,
+                                           verbose=False)["penultimate"].double().numpy()
+    assert ours.shape == (203, theirs.shape[1]) and (ours == theirs).all()
+
+
+def test_scoring_imports_no_torch_fidelity():
+    """Evaluation stages pay no torch-fidelity import (torchvision and torch._dynamo with it, ~2 s)."""
+    import subprocess
+    import sys
+    code = ("import sys, pipeline.evaluation.scoring, pipeline.evaluation.sampling; "
+            "print(sorted(m for m in ('torch_fidelity', 'torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_layer_table_is_the_one_torch_fidelity_registers():
+    register_extractors()
+    for name, layer in FID_LAYERS.items():
+        assert FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid") == layer
 
 
 def test_reported_as_classifier_fid():

@@ -1,4 +1,4 @@
-"""The "inception" FID extractor (pipeline/inception.py): zero on a set against itself,
+"""The "inception" FID extractor (pipeline/features/inception.py): zero on a set against itself,
 growing with noise, torch-fidelity's FID equal to the Frechet distance computed from its
 definition on the same features, the input protocol (resize, range, grayscale, 28x28).
 
@@ -24,15 +24,9 @@ from torch_fidelity import calculate_metrics
 from torch_fidelity.metric_fid import KEY_METRIC_FID
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from pipeline import inception
-from pipeline.inception import (
-    INCEPTION,
-    InceptionFeatureExtractor,
-    InceptionUnavailable,
-    load_inception,
-    register_inception_extractor,
-    to_network_input,
-)
+from pipeline.features import inception
+from pipeline.features.extractors import InceptionFeatureExtractor, register_inception_extractor
+from pipeline.features.inception import INCEPTION, InceptionUnavailable, load_inception, to_network_input
 from tests.conftest import one_torch_thread
 
 N = 16  # images per set
@@ -104,7 +98,7 @@ def runs(weights, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
 
-    def features(name):  # torch-fidelity 0.4's cache file for one input (as pipeline.fid names it)
+    def features(name):  # torch-fidelity 0.4's cache file for one input (as pipeline.features.fid names it)
         path = os.path.join(root, f"{name}-{INCEPTION}-features-2048.pt")
         assert os.path.isfile(path), sorted(os.listdir(root))
         return torch.load(path, map_location="cpu", weights_only=True).double().numpy()

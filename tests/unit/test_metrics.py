@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import gaussian_window, psnr, ssim
+from pipeline.evaluation.metrics import gaussian_window, psnr, ssim
 
 
 def images(shape, seed=0):

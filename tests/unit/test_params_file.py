@@ -7,7 +7,7 @@ from contextlib import chdir
 import pytest
 import yaml
 
-from pipeline.config import load_params, schema
+from pipeline.config.schema import load_params, schema
 from tests.conftest import ROOT
 
 # Which stages read each params section: the stage scripts read their params through

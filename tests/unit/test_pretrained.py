@@ -1,4 +1,4 @@
-"""A pretrained diffusers model as the diffusion teacher (pipeline/pretrained.py, docs/pretrained.md).
+"""A pretrained diffusers model as the diffusion teacher (pipeline/models/pretrained.py, docs/pretrained.md).
 
 A tiny randomly initialised `UNet2DModel` is saved with its scheduler config, as an
 epsilon-prediction model (pipeline layout: unet/, scheduler/), a v-prediction model (flat
@@ -18,16 +18,18 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.scale
 
 from pipeline.distill import ConsistencyParams, MMParams, PDParams, TDDParams, make_method
-from pipeline.distill.base import Student
+from pipeline.models.students import Student
 from pipeline.distill.consistency import ConsistencyFunction, ddim_jump, raw_output
 from pipeline.distill.mm import StepAwareDenoiser, ddpm_posterior
-from pipeline.noise import SeededNoise
-from pipeline.pretrained import (PretrainedError, check_data, load_diffusers_teacher,
-                                 load_pretrained_teacher, resolve_schedule, write_pretrained_teacher)
+from pipeline.evaluation.noise import SeededNoise
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.models.loading import load_student, load_teacher
+from pipeline.models.pretrained import (PretrainedError, check_data, load_diffusers_teacher, resolve_schedule,
+                                        write_pretrained_teacher)
 from pipeline.samplers import DIFFUSION_SAMPLERS, get_sampler, steps_for_nfe
-from pipeline.schedules import edm_precond
-from pipeline.settings import PretrainedParams, TrainParams
-from pipeline.training import LoopHooks, run_training
+from pipeline.models.schedules import edm_precond
+from pipeline.config.settings import PretrainedParams, TrainParams
+from pipeline.training.loop import LoopHooks, run_training
 
 C, SIZE, T = 2, 8, 1000
 
@@ -266,7 +268,8 @@ def test_the_teacher_stage_writes_a_self_describing_checkpoint(folders, teachers
     manifest.write_text(json.dumps({"x0_shape": [C, SIZE, SIZE], "conditional": False}))
     block = PretrainedParams(path=folders["v"], sigma_max=80.0)
     teacher = write_pretrained_teacher(tmp_path / "diffusion.pt", block, data_dir=data)
-    back = load_pretrained_teacher(tmp_path / "diffusion.pt")
+    back = load_teacher(tmp_path / "diffusion.pt")
+    assert "arch" in load_checkpoint(tmp_path / "diffusion.pt", {"teacher_diffusion"})["config"]
     x, sigma = torch.randn(2, C, SIZE, SIZE), torch.tensor([0.5, 20.0])
     with torch.no_grad():
         assert torch.equal(back.denoiser(x, sigma), teacher.denoiser(x, sigma))
@@ -294,13 +297,11 @@ def test_rejects_what_it_cannot_wrap(tmp_path):
 
 
 def test_the_pipeline_loads_the_teacher_and_its_students(folders, tmp_path):
-    """teachers.load_teacher and distill.load_student rebuild a pretrained teacher (and a
+    """loading.load_teacher and loading.load_student rebuild a pretrained teacher (and a
     student distilled from it) from their checkpoints alone."""
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.distill import load_student
+    from pipeline.models.checkpoint import save_checkpoint
     from pipeline.distill.base import student_config
-    from pipeline.settings import DiffusionTeacherParams
-    from pipeline.teachers import load_teacher
+    from pipeline.config.settings import DiffusionTeacherParams
     block = PretrainedParams(path=folders["eps"])
     teacher = write_pretrained_teacher(tmp_path / "diffusion.pt", block, DiffusionTeacherParams(pretrained=block))
     back = load_teacher(tmp_path / "diffusion.pt")

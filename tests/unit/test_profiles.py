@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import load_params
-from pipeline.teachers import TEACHERS, DataShape
+from pipeline.config.schema import load_params
+from pipeline.models.teachers import TEACHERS, DataShape
 from tests.conftest import ROOT
 from tests.unit.test_params_file import leaves
 

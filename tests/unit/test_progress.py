@@ -7,10 +7,10 @@ import io
 import pytest
 import torch
 
-from pipeline import progress
-from pipeline.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask
-from pipeline.training import TrainRun
+from pipeline.runtime import progress
+from pipeline.config.settings import DiffusionTeacherParams, RayParams, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+from pipeline.training.loop import TrainRun
 from tests.conftest import ROOT
 from tests.helpers import square_images as toy_data
 
@@ -64,7 +64,7 @@ TASK = DiffusionTeacherTask(DiffusionTeacherParams(net=UNetParams(channels=(8,),
 
 @pytest.mark.slow
 def test_fit_shows_rank_0_reports_in_the_driver_and_trains_the_same(idle_cluster, tmp_path, monkeypatch):
-    from pipeline.distributed import fit
+    from pipeline.training.ray_train import fit
     bars, steps, out = [], [], io.StringIO()
     bar, show_training = progress.bar, progress.show_training
 
@@ -98,7 +98,7 @@ def square(i):
 
 @pytest.mark.slow
 def test_parallel_map_calls_on_done_once_per_job_and_keeps_job_order(idle_cluster):
-    from pipeline.distributed import parallel_map
+    from pipeline.runtime.cluster import parallel_map
     finished = []
     assert parallel_map(square, [(i,) for i in range(5)], on_done=finished.append) == [0, 1, 4, 9, 16]
     assert sorted(finished) == list(range(5))

@@ -7,7 +7,7 @@ from contextlib import chdir
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.config.schema import ConfigError, parse_params
 from pipeline.distill import METHODS, name_of
 from tests.conftest import ROOT
 from tests.helpers import THROWAWAY, ThrowawayParams

@@ -4,7 +4,7 @@ The project's diffusion samplers work in EDM sigma space, x = x0 + sigma eps. Th
 below are written from the papers in VP coordinates instead, z_t = alpha_t x0 + sigma_t eps, on
 the linear-beta VP SDE of Song et al. 2021 (beta(t) = beta_min + beta_d t), with an exact
 x0-predicting denoiser E[x0 | z_t] written in those coordinates. They use nothing of
-pipeline.samplers or pipeline.schedules: grids, time maps and updates are rebuilt here from
+pipeline.samplers or pipeline.models.schedules: grids, time maps and updates are rebuilt here from
 their definitions. The two must agree to round-off (float64, 1e-10).
 
 Coordinate map (EDM, Karras et al. 2022, Table 1, "VP" column): x = z_t / alpha_t and
@@ -20,11 +20,11 @@ from itertools import pairwise
 import pytest
 import torch
 
-from pipeline.bridge import BridgeSchedule
-from pipeline.noise import SeededNoise
+from pipeline.models.bridge import BridgeSchedule
+from pipeline.evaluation.noise import SeededNoise
 from pipeline.samplers import BRIDGE_SAMPLERS, DIFFUSION_SAMPLERS, sample
-from pipeline.schedules import step_sigmas
-from pipeline.settings import EDMSchedule
+from pipeline.models.schedules import step_sigmas
+from pipeline.config.settings import EDMSchedule
 from tests.helpers import exact_bridge_denoiser, exact_gaussian_denoiser
 
 F64 = torch.float64

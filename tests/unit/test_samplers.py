@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from pipeline.bridge import BridgeSchedule
-from pipeline.noise import SeededNoise
+from pipeline.models.bridge import BridgeSchedule
+from pipeline.evaluation.noise import SeededNoise
 from pipeline.samplers import BRIDGE_SAMPLERS, DIFFUSION_SAMPLERS, SAMPLERS, Sampler, sample, steps_for_nfe
 from pipeline.samplers.diffusion import guided
 from pipeline.samplers.nfe import CountingDenoiser
-from pipeline.schedules import EDMSchedule
+from pipeline.models.schedules import EDMSchedule
 from tests.helpers import exact_bridge_denoiser as bridge_denoiser
 from tests.helpers import exact_gaussian_denoiser as gaussian_denoiser
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.schedules import (EDMSchedule, edm_loss_weight, edm_precond, karras_sigmas,
+from pipeline.models.schedules import (EDMSchedule, edm_loss_weight, edm_precond, karras_sigmas,
                                 sample_training_sigma, vp_sigma, vp_sigma_inv, vp_sigmas)
 
 SIGMAS = torch.logspace(-3, 2, 41, dtype=torch.float64)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.settings import DiffusionTeacherParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask, teacher_config
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.config.settings import DiffusionTeacherParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask, teacher_config
 from tests.conftest import ROOT
 from tests.mlflow_server import free_port
 
@@ -219,7 +219,7 @@ def test_a_bad_params_key_type_or_range_is_one_line(case, tmp_path):
 def prepared(tmp_path_factory):
     """A small prepared data set (8x8 digits, 2x super-resolution), made in this process."""
     from pipeline.data.prepare import prepare_dataset
-    from pipeline.settings import DigitsSource, SuperResolution
+    from pipeline.config.settings import DigitsSource, SuperResolution
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare_dataset(DigitsSource(), SuperResolution(factor=2), 100, 400, 0, out, n_reference=200)
     return out

@@ -9,9 +9,9 @@ from pipeline.data import DataError
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.shards import load_split
 from pipeline.data.stream import ShardStream, TrainData
-from pipeline.settings import DiffusionTeacherParams, DigitsSource, SuperResolution, TrainParams, UNetParams
-from pipeline.teachers import DataShape, DiffusionTeacherTask
-from pipeline.training import LoopHooks, run_training
+from pipeline.config.settings import DiffusionTeacherParams, DigitsSource, SuperResolution, TrainParams, UNetParams
+from pipeline.models.teachers import DataShape, DiffusionTeacherTask
+from pipeline.training.loop import LoopHooks, run_training
 
 pytestmark = pytest.mark.scale
 

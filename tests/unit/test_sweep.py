@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.sweep import (Dimension, SweepError, SweepSpec, apply_overrides, best_trial, check_spec,
+from pipeline.tuning.sweep import (Dimension, SweepError, SweepSpec, apply_overrides, best_trial, check_spec,
                             dvc_exp_command, load_spec, max_steps, reproduced_overrides, trials_table)
-from pipeline.trial import TrialSetup, trial_overrides
+from pipeline.tuning.trial import TrialSetup, trial_overrides
 from tests.conftest import ROOT
 
 IBMD_SECTIONS = ["seed", "ray", "distill.ibmd"]
@@ -132,7 +132,7 @@ def test_trials_table_ranks_finished_trials_first_and_picks_the_best():
 def test_search_space_maps_each_kind():
     from ray import tune
 
-    from pipeline.tuning import search_space
+    from pipeline.tuning.tuner import search_space
     s = spec(space={"distill.ibmd.aux_updates": {"grid": [2, 5]}, "distill.ibmd.nfe": {"choice": [1, 2]},
                     "distill.ibmd.train.steps": {"loguniform": [10, 1000]},
                     "distill.ibmd.train.lr": {"loguniform": [1e-4, 1e-2]}})

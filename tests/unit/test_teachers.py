@@ -3,10 +3,11 @@ condition dropout, and self-describing checkpoints."""
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.settings import BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams
-from pipeline.teachers import TEACHERS, BridgeDenoiser, DataShape, EDMDenoiser, load_teacher, teacher_config
-from pipeline.training import LoopHooks, run_training
+from pipeline.models.checkpoint import CheckpointError, save_checkpoint
+from pipeline.config.settings import BridgeTeacherParams, DiffusionTeacherParams, TrainParams, UNetParams
+from pipeline.models.loading import load_teacher
+from pipeline.models.teachers import TEACHERS, BridgeDenoiser, DataShape, EDMDenoiser, teacher_config
+from pipeline.training.loop import LoopHooks, run_training
 from tests.helpers import square_images as toy_data
 
 SHAPE = DataShape(channels=1, image_size=8, conditional=True)
@@ -82,7 +83,7 @@ def test_truncated_or_foreign_checkpoint_is_named(tmp_path):
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    from pipeline.training import lr_scale
+    from pipeline.training.loop import lr_scale
     train = TrainParams(steps=110, warmup_steps=10, lr_schedule="cosine")
     assert lr_scale(train, 0) == pytest.approx(0.1) and lr_scale(train, 9) == pytest.approx(1.0)
     assert lr_scale(train, 10) == pytest.approx(1.0)

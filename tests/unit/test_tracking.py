@@ -10,7 +10,7 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import StageRun, TrackingError, check_reachable, params_hash, retrying
+from pipeline.runtime.tracking import StageRun, TrackingError, check_reachable, params_hash, retrying
 
 from tests.mlflow_server import MlflowServer, free_port
 

@@ -1,4 +1,4 @@
-"""Intervals and paired verdicts (pipeline.uncertainty) on cases with a known answer.
+"""Intervals and paired verdicts (pipeline.evaluation.uncertainty) on cases with a known answer.
 
 The Frechet distance is checked against its closed form for Gaussians and against
 torch-fidelity on the same features; the jackknife intervals are checked for coverage of
@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from pipeline.uncertainty import (Point, Reference, _frechet, compare, frechet_distance, groups_of, interval,
+from pipeline.evaluation.uncertainty import (Point, Reference, _frechet, compare, frechet_distance, groups_of, interval,
                                   kid, mean_with_replicates, reference_kernel_mean)
 
 D, N, SEEDS, GROUPS = 5, 150, 3, 15

@@ -1,0 +1,78 @@
+"""Scoring samples: every metric of an evaluated point with its 95 % interval, the one place
+samples become metrics (the evaluate stage, the floor stage and sweep trials call it).
+
+A point is one (model, sampler, NFE) sampled once per sampling seed for the same evaluated
+inputs. Per seed: FID and KID of the samples' features against the reference split's
+(FID the Frechet distance of their Gaussians, equal to torch-fidelity's to 1e-9 relative,
+tests/unit/test_uncertainty.py; KID the full-set unbiased MMD^2), and for a
+conditional task PSNR/SSIM against each input's truth and the classifier's accuracy on
+the input's label. The estimate is the mean over seeds; its interval comes from the
+leave-a-group-out replicates of that mean (pipeline.evaluation.uncertainty, docs/evaluation.md).
+"""
+import numpy as np
+import torch
+
+from pipeline.features.classifier import load_classifier
+from pipeline.features.fid import cached_reference_features, extract_features
+from pipeline.evaluation.metrics import psnr, ssim
+from pipeline.evaluation.results import SCORED, FeatureSpace
+from pipeline.evaluation.uncertainty import (Point, Reference, frechet_distance, groups_of, kid, mean_with_replicates,
+                                  reference_kernel_mean)
+
+# Which direction of each scored metric is better.
+LOWER_IS_BETTER = {"fid": True, "kid": True, "psnr": False, "ssim": False, "accuracy": False}
+
+
+class Scorer:
+    """Built once per stage: the feature extractor's reference, the classifier, the groups of
+    the `n` evaluated inputs."""
+
+    def __init__(self, features: FeatureSpace, n, groups, image_shape, device="cpu"):
+        self.features, self.group, self.device = features, groups_of(n, groups), device
+        self.ref_features = cached_reference_features(
+            cache_root=str(features.root / "fid_cache"), reference_cache_name=features.reference,
+            image_shape=tuple(image_shape), extractor=features.extractor, weights_path=features.weights)
+        self.reference = Reference.of(self.ref_features)
+        self.ref_kernel_mean = reference_kernel_mean(self.ref_features)  # KID's reference term, once
+        self.classifier = load_classifier(features.root / "classifier.pt")
+
+    def score(self, samples, truth) -> dict:
+        """{metric: Point} for `samples`, a list over seeds of (n, C, H, W) in [-1, 1] for the
+        inputs of `truth` (a Split of the same n); NaN points for an unconditional task's
+        PSNR/SSIM/accuracy, and for a class-conditional one's PSNR/SSIM (no paired truth)."""
+        per_seed = {m: [] for m in ("fid", "kid")}
+        per_image = {m: [] for m in ("psnr", "ssim", "accuracy")}
+        for x in samples:
+            f = extract_features(x, extractor=self.features.extractor, weights_path=self.features.weights,
+                                 device=self.device)
+            per_seed["fid"].append(frechet_distance(f, self.reference, self.group))
+            per_seed["kid"].append(kid(f, self.ref_features, self.group, k_yy=self.ref_kernel_mean))
+            if truth.conditional:
+                per_image["psnr"].append(psnr(x, truth.x0).double().numpy())
+                per_image["ssim"].append(ssim(x, truth.x0).double().numpy())
+            if truth.conditional or truth.class_conditional:  # against the input's / requested label
+                per_image["accuracy"].append(self._correct(x, truth.label))
+        points = {m: Point(float(np.mean([e for e, _ in v])), tuple(np.mean([r for _, r in v], axis=0)))
+                  for m, v in per_seed.items()}
+        for m, v in per_image.items():
+            points[m] = Point(*mean_with_replicates(np.stack(v), self.group)) if v else NAN_POINT
+        return points
+
+    @torch.no_grad()
+    def _correct(self, x, label, batch=512):
+        self.classifier.eval()
+        hits = [(self.classifier(x[i:i + batch]).argmax(1) == label[i:i + batch]) for i in range(0, len(x), batch)]
+        return torch.cat(hits).double().numpy()
+
+
+NAN_POINT = Point(float("nan"), ())
+
+
+def row_metrics(points, level=0.95):
+    """{m, m_lo, m_hi} for each scored metric: the flat columns of metrics.csv and MLflow."""
+    out = {}
+    for m in SCORED:
+        p = points[m]
+        lo, hi, _ = p.interval(level) if p.replicates else (float("nan"),) * 3
+        out.update({m: p.estimate, f"{m}_lo": lo, f"{m}_hi": hi})
+    return out

@@ -68,13 +68,14 @@ def _log_imports(args):
     """With PIPELINE_IMPORTS_LOG set, append {stage, modules} to that file: every library
     module this stage process loaded (tests/integration checks them against dvc.yaml's deps)."""
     log = os.environ.get("PIPELINE_IMPORTS_LOG")
-    if not log or not getattr(args, "stage", None):
-        return
+    stage = getattr(args, "stage", None)
+    if not log or not stage or stage.split("@")[0] != Path(sys.argv[0]).stem:
+        return  # not a DVC stage's own process (the sweep command loads a stage's params too)
     root = Path(sys.modules["pipeline"].__file__).resolve().parent.parent  # where the library is installed from
     files = sorted(str(Path(m.__file__).resolve().relative_to(root)) for name, m in list(sys.modules.items())
                    if name.split(".")[0] == "pipeline" and getattr(m, "__file__", None))
     with open(log, "a") as f:
-        f.write(json.dumps({"stage": args.stage, "modules": files}) + "\n")
+        f.write(json.dumps({"stage": stage, "modules": files}) + "\n")
 
 
 class UndeclaredParam(PipelineError, AttributeError):

@@ -7,11 +7,11 @@ from pipeline.distill import METHODS
 def main(args):
     params = common.load(args, f"distill@{args.method}")
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.training.ray_train import fit
     from pipeline.training.jobs import distill_job
 
     # Fails fast, naming the file, on a wrong-kind teacher or a bad shard, before Ray starts.
     job = distill_job(args.method, getattr(params.distill, args.method), args.data, args.teacher)
+    from pipeline.training.ray_train import fit  # Ray Train (~4 s of imports) once the inputs are good
     common.connect_ray()
     with common.stage_run(params, args, "distill", **job.tags) as run:
         state = fit(job.run(params.seed, params.ray, log=run.logger()), args.storage,

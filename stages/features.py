@@ -11,13 +11,13 @@ def main(args):
     # Heavy imports only after the params validated (see common.py).
     from pipeline.features.classifier import accuracy, load_classifier
     from pipeline.data.shards import load_split
-    from pipeline.training.ray_train import fit
     from pipeline.features.fid import cache_reference_statistics, fid_label, resolve_weights
     from pipeline.training.jobs import features_job
     from pipeline.runtime.outputs import staging_dir, write_json
 
     feats = params.features
     job = features_job(feats, args.data)  # checks every shard: fails fast, naming it
+    from pipeline.training.ray_train import fit  # Ray Train (~4 s of imports) once the inputs are good
     common.connect_ray()
     with common.stage_run(params, args, "features", **job.tags) as run:
         state = fit(job.run(params.seed, params.ray, log=run.logger()), args.storage,

@@ -14,10 +14,10 @@ def main(args):
         print(f"teacher@{args.name}: wrote {args.out} from {section.pretrained.path}")
         return
     # Heavy imports only after the params validated (see common.py).
-    from pipeline.training.ray_train import fit
     from pipeline.training.jobs import teacher_job
 
     job = teacher_job(args.name, getattr(params.teacher, args.name), args.data)  # checks every shard
+    from pipeline.training.ray_train import fit  # Ray Train (~4 s of imports) once the inputs are good
     common.connect_ray()
     with common.stage_run(params, args, "teacher", **job.tags) as run:
         state = fit(job.run(params.seed, params.ray, log=run.logger()), args.storage,

@@ -12,8 +12,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 
 @contextmanager
 def atomic_path(path):
@@ -36,6 +34,7 @@ def save_atomic(obj, path):
     """torch.save `obj` to `path` via a temporary file in the same folder. Saved through a file
     object, so the archive inside is not named after the temporary file: the same object
     gives the same bytes (the FID cache is keyed by the digest of the classifier's file)."""
+    import torch  # here, not at the top: the report and the JSON writers need no torch
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 

@@ -24,15 +24,24 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from types import SimpleNamespace
 
 from pipeline.errors import PipelineError
 
 GROUP_TAG = "group"
 RETRY_S = 300.0  # the default of params `tracking.retry_s`
 MAX_METRICS = 1000  # the most metrics one log_batch call takes
+
+
+def _mlflow():
+    """MLflow's client and entities, imported where a run is first touched. Importing mlflow
+    costs ~2.5 s (BENCHMARKS.md, "Stage fixed cost"), which neither a stage that stops on bad
+    input nor a Ray worker that unpickles its `MetricLogger` should pay up front."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    return SimpleNamespace(Metric=Metric, Param=Param, RunTag=RunTag, MlflowException=MlflowException,
+                           MlflowClient=MlflowClient)
 
 
 class TrackingError(PipelineError, RuntimeError):
@@ -98,7 +107,7 @@ def retrying(call, retry_s, what, uri):
         try:
             return call()
         except Exception as err:  # MLflow raises several types for one outage  # noqa: BLE001
-            if isinstance(err, MlflowException) and err.get_http_status_code() < 500:
+            if isinstance(err, _mlflow().MlflowException) and err.get_http_status_code() < 500:
                 raise
             if time.monotonic() - start + wait > retry_s:
                 raise TrackingError(f"MLflow tracking server {uri} did not answer for {retry_s:g} s "
@@ -175,7 +184,7 @@ class _Run:
 
     def log_metrics(self, metrics, step=0):
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        batch = [_mlflow().Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         self._call("logging metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_curves(self, model, rows, metrics):
@@ -187,7 +196,7 @@ class _Run:
                                                      "nfe": ",".join(str(r["nfe"]) for r in curve)})
             with child:
                 now = int(time.time() * 1000)
-                for part in chunks([Metric(m, float(r[m]), now, int(r["nfe"])) for r in curve for m in metrics]):
+                for part in chunks([_mlflow().Metric(m, float(r[m]), now, int(r["nfe"])) for r in curve for m in metrics]):
                     child._call("logging the FID curves", child.client.log_batch, child.run_id, metrics=part)
 
     def log_artifact(self, path, artifact_path=None):
@@ -195,7 +204,7 @@ class _Run:
 
     def set_tags(self, tags):
         self._call("setting tags", self.client.log_batch, self.run_id,
-                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
+                   tags=[_mlflow().RunTag(k, str(v)) for k, v in tags.items()])
 
     def __enter__(self):
         return self
@@ -219,7 +228,7 @@ class StageRun(_Run):
 
     def __init__(self, uri, experiment, run_name, tags, params, artifact_root, retry_s=RETRY_S):
         check_reachable(uri)
-        client = MlflowClient(tracking_uri=uri)
+        client = _mlflow().MlflowClient(tracking_uri=uri)
         exp_id = _experiment_id(client, experiment, artifact_root)
         parent = _group_parent(client, exp_id, tags[GROUP_TAG])
         self.ended_dead_runs = end_dead_runs(client, exp_id)
@@ -234,7 +243,7 @@ class SweepRun(_Run):
 
     def __init__(self, uri, experiment, run_name, tags, params, artifact_root, run_id=None):
         check_reachable(uri)
-        client = MlflowClient(tracking_uri=uri)
+        client = _mlflow().MlflowClient(tracking_uri=uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             super().__init__(client, run_id, uri)
@@ -247,7 +256,7 @@ class SweepRun(_Run):
 def trial_run(uri, parent_run_id, run_name, tags, params):
     """The run of one sweep trial under its sweep's run: the existing one when the trial
     restarts (a resumed sweep), else a new one with `params` logged."""
-    client = MlflowClient(tracking_uri=uri)
+    client = _mlflow().MlflowClient(tracking_uri=uri)
     parent = client.get_run(parent_run_id)
     found = client.search_runs([parent.info.experiment_id], max_results=1, filter_string=(
         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_id = '{tags['trial_id']}'"))
@@ -291,7 +300,7 @@ class MetricLogger:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._send_forever, daemon=True, name="mlflow-metrics")
             self._thread.start()
-        self._queue.put([Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+        self._queue.put([(k, float(v), now, int(step)) for k, v in metrics.items()])  # Metric()s: in the sender
 
     def flush(self, timeout_s=None):
         """Wait (at most `timeout_s`; default: the retry window plus a minute) until every
@@ -304,14 +313,15 @@ class MetricLogger:
         return not self._queue.unfinished_tasks
 
     def _send_forever(self):
-        client = MlflowClient(tracking_uri=self.uri)
+        mlflow = _mlflow()  # imported by this thread, not by the training loop
+        client, Metric = mlflow.MlflowClient(tracking_uri=self.uri), mlflow.Metric
         while True:
             batches = [self._queue.get()]
             while not self._queue.empty() and sum(map(len, batches)) < MAX_METRICS:
                 batches.append(self._queue.get())
             unsent = sum(map(len, batches))
             try:
-                for part in chunks([m for b in batches for m in b]):
+                for part in chunks([Metric(*m) for b in batches for m in b]):
                     retrying(lambda p=part: client.log_batch(self.run_id, metrics=p), self.retry_s,
                              "logging training metrics", self.uri)
                     self.sent, unsent = self.sent + len(part), unsent - len(part)
@@ -324,7 +334,7 @@ class MetricLogger:
 
 
 def _param(key, value):
-    return Param(key, str(value)[:6000])
+    return _mlflow().Param(key, str(value)[:6000])
 
 
 def _flatten(d, prefix=""):

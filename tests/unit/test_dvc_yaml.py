@@ -31,9 +31,11 @@ def test_every_params_key_is_a_dependency_of_some_stage():
 
 # Library code that changes no output, so no stage lists it as a dependency
 # (docs/architecture.md, "Dependency policy"): the params schema (DVC tracks the values
-# themselves), the runtime (Ray connection and fan-out, MLflow, progress bars, atomic writes)
-# and the base error.
-PLUMBING = ("pipeline/config/", "pipeline/runtime/", "pipeline/__init__.py", "pipeline/errors.py")
+# themselves; it includes the methods' params blocks of the registry, distill/__init__.py,
+# which every stage loads through it and the stages that build a method list), the runtime
+# (Ray connection and fan-out, MLflow, progress bars, atomic writes) and the base error.
+PLUMBING = ("pipeline/config/", "pipeline/distill/__init__.py", "pipeline/runtime/", "pipeline/__init__.py",
+            "pipeline/errors.py")
 
 
 def imported_modules(path, skip, top_level_only=False, seen=None):

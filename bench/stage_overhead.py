@@ -16,7 +16,8 @@ work itself: the same workload timed in this process with every import done and 
 (the training step in a bare loop, the evaluation's sampling and scoring, the report).
 Overhead = wall - work. It then breaks the fixed cost down: the interpreter and the stage's
 imports (a process that only imports what the stage imports), DVC's resolution of the stage's
-params, and joining against starting Ray.
+params, joining against starting Ray, and Ray Train's own floor: a `TorchTrainer.fit` of a
+function that only imports torch and reports once.
 
 `--project DIR --python PY` runs the stage processes of another checkout with its own
 interpreter (e.g. the previous commit, for a before/after figure in one run); the work is
@@ -146,6 +147,35 @@ def ray_start(python, project, env, address):
     return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 
+TRIVIAL_FIT = """
+import os, sys, tempfile, time
+t0 = time.perf_counter()
+import ray, ray.train, ray.train.torch
+t1 = time.perf_counter()
+ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+def train_fn(config):
+    import torch  # noqa: F401  (what every training worker imports)
+    ray.train.report({"step": 1})
+with tempfile.TemporaryDirectory() as d:
+    t2 = time.perf_counter()
+    ray.train.torch.TorchTrainer(train_fn, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                                 run_config=ray.train.RunConfig(name="trivial", storage_path=d)).fit()
+    print(t1 - t0, time.perf_counter() - t2)
+"""
+
+
+def ray_train_floor(python, project, env, repeats):
+    """(import ray.train.torch, TorchTrainer.fit of a function that imports torch and reports
+    once) in seconds, medians over `repeats` processes joined to the cluster in `env`."""
+    runs = []
+    for _ in range(repeats):
+        r = subprocess.run([python, "-c", TRIVIAL_FIT], cwd=project, env=env, capture_output=True, text=True)
+        if r.returncode:
+            return float("nan"), float("nan")
+        runs.append([float(v) for v in r.stdout.split()[-2:]])
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def work_seconds(project):
     """The chain's work in this process, imports done, no Ray: {stage label: seconds}."""
     import torch
@@ -214,11 +244,14 @@ def main():
         address = ray.get_runtime_context().gcs_address
         env = {**os.environ, **env, "RAY_ADDRESS": address}  # what ray.init set (the cluster's auth) included
         joined = chain_walls(args.python, project, env, args.repeats)
+        floor_import, floor_fit = ray_train_floor(args.python, project, env, args.repeats)
         env.pop("RAY_ADDRESS")
         parts = {**import_walls(args.python, project, env, args.repeats),
                  "DVC resolves a stage's params": dvc_resolution(args.python, project, env),
                  "ray.init, local Ray started": ray_start(args.python, project, env, None),
-                 "ray.init, existing cluster joined": ray_start(args.python, project, env, address)}
+                 "ray.init, existing cluster joined": ray_start(args.python, project, env, address),
+                 "import ray.train.torch (Ray Train's floor, 1)": floor_import,
+                 "TorchTrainer.fit, trivial function, existing cluster (Ray Train's floor, 2)": floor_fit}
         ray.shutdown()
         print(f"stages of {args.project} (median of {args.repeats}; seconds)\n", flush=True)
         print("| part of the fixed cost | seconds |\n|---|---|")

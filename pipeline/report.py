@@ -21,9 +21,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.runtime.outputs import atomic_path  # noqa: E402
 from pipeline.evaluation.results import COLUMNS, point_key, read_replicates  # noqa: E402
 from pipeline.evaluation.uncertainty import Point, compare  # noqa: E402
+from pipeline.runtime.outputs import atomic_path  # noqa: E402
 
 FLOOR = ("oracle", "input")  # the floor stage's rows: the evaluated inputs' x0 and y
 

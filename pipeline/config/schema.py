@@ -13,9 +13,9 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from pipeline import distill
-from pipeline.errors import PipelineError
 from pipeline.config.settings import (TEACHER_NAMES, Corruption, DataParams, EvaluateParams, FeaturesParams, Params,
                                RayParams, SuperResolution, TeachersParams, TrackingParams, check_known)
+from pipeline.errors import PipelineError
 
 
 class ConfigError(PipelineError, ValueError):

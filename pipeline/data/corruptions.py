@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import to_float, to_uint8
 from pipeline.config.settings import Corruption  # noqa: F401  (re-exported for callers)
+from pipeline.data import to_float, to_uint8
 
 
 def generators(seeds):

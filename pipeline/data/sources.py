@@ -15,8 +15,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.data import DataError
 from pipeline.config.settings import Source  # noqa: F401  (re-exported for callers)
+from pipeline.data import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

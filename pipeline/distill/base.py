@@ -20,8 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pipeline.distill import name_of, registration
 from pipeline.config.settings import Params
+from pipeline.distill import name_of, registration
 from pipeline.models.teachers import Teacher, teacher_config
 from pipeline.training.loop import Task
 

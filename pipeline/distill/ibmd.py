@@ -43,8 +43,8 @@ Decisions on details the paper leaves open, each a param (docs/methods/ibmd.md):
 """
 import torch
 
-from pipeline.models.bridge import bridge_loss_weight, sample_training_t
 from pipeline.distill.base import Method, batch_noise, col, frozen_copy, trainable_copy, unwrap
+from pipeline.models.bridge import bridge_loss_weight, sample_training_t
 from pipeline.samplers.bridge import bridge_times
 from pipeline.training.loop import optimizer_step
 

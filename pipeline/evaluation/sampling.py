@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from pipeline.data.shards import load_split
+from pipeline.evaluation.noise import SeededNoise, sample_seeds
+from pipeline.evaluation.results import point_key
 from pipeline.models.loading import load_model
 from pipeline.models.students import Student
-from pipeline.evaluation.noise import SeededNoise, sample_seeds
 from pipeline.runtime.progress import bar
-from pipeline.evaluation.results import point_key
 from pipeline.samplers import get_sampler, steps_for_nfe
 
 WARMUP = 2  # samples sampled, untimed, before each timed (sampler, nfe) of a job

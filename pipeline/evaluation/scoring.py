@@ -9,15 +9,18 @@ conditional task PSNR/SSIM against each input's truth and the classifier's accur
 the input's label. The estimate is the mean over seeds; its interval comes from the
 leave-a-group-out replicates of that mean (pipeline.evaluation.uncertainty, docs/evaluation.md).
 """
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from pipeline.features.classifier import load_classifier
-from pipeline.features.fid import cached_reference_features, extract_features
 from pipeline.evaluation.metrics import psnr, ssim
 from pipeline.evaluation.results import SCORED, FeatureSpace
 from pipeline.evaluation.uncertainty import (Point, Reference, frechet_distance, groups_of, kid, mean_with_replicates,
-                                  reference_kernel_mean)
+                                             reference_kernel_mean)
+from pipeline.features.classifier import load_classifier
+from pipeline.features.fid import cached_reference_features, extract_features
+from pipeline.features.layers import CLASSIFIER
 
 # Which direction of each scored metric is better.
 LOWER_IS_BETTER = {"fid": True, "kid": True, "psnr": False, "ssim": False, "accuracy": False}
@@ -35,6 +38,9 @@ class Scorer:
         self.reference = Reference.of(self.ref_features)
         self.ref_kernel_mean = reference_kernel_mean(self.ref_features)  # KID's reference term, once
         self.classifier = load_classifier(features.root / "classifier.pt")
+        # The classifier extractor's weights are this classifier: loaded once, not per scored set.
+        same = features.extractor == CLASSIFIER and Path(features.weights) == features.root / "classifier.pt"
+        self._extractor_model = self.classifier if same else None
 
     def score(self, samples, truth) -> dict:
         """{metric: Point} for `samples`, a list over seeds of (n, C, H, W) in [-1, 1] for the
@@ -44,7 +50,7 @@ class Scorer:
         per_image = {m: [] for m in ("psnr", "ssim", "accuracy")}
         for x in samples:
             f = extract_features(x, extractor=self.features.extractor, weights_path=self.features.weights,
-                                 device=self.device)
+                                 device=self.device, classifier=self._extractor_model)
             per_seed["fid"].append(frechet_distance(f, self.reference, self.group))
             per_seed["kid"].append(kid(f, self.ref_features, self.group, k_yy=self.ref_kernel_mean))
             if truth.conditional:

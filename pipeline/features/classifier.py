@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config.settings import ClassifierParams, TrainParams
 from pipeline.errors import PipelineError
 from pipeline.runtime.outputs import save_atomic
-from pipeline.config.settings import ClassifierParams, TrainParams
 from pipeline.training.loop import LoopHooks, Task, run_training
 
 CHECKPOINT_FORMAT = "pipeline.classifier/v1"  # as first written: every checkpoint carries it

@@ -199,7 +199,6 @@ def cache_reference_statistics(
     stage never leaves stale statistics. The extractor sees the reference once.
     """
     _check_images(reference, "reference")
-    _register_extractors()
     weights_path = resolve_weights(extractor, weights_path)
     cache_name = _cache_name(reference_cache_name, weights_path, reference.shape[1:])
     os.makedirs(cache_root, exist_ok=True)
@@ -259,7 +258,6 @@ def fidelity_metrics(
         _check_images(reference, "reference")
     if reference_cache_name is not None and cache_root is None:
         raise ValueError("reference_cache_name needs cache_root")
-    _register_extractors()
     weights_path = resolve_weights(extractor, weights_path)
     cache_name = None
     if reference_cache_name is not None:
@@ -271,18 +269,20 @@ def fidelity_metrics(
     return _calculate(gen_input, ref_input, extractor, weights_path, subset, kid_subsets, batch_size, device, **cache)
 
 
-def extract_features(images, *, extractor=CLASSIFIER, weights_path=None, batch_size=256, device=None):
+def extract_features(images, *, extractor=CLASSIFIER, weights_path=None, batch_size=256, device=None,
+                     classifier=None):
     """(N, d) float64 numpy features of float images (N, C, H, W) in [-1, 1], quantised to uint8
     exactly as `fidelity_metrics` feeds them, at the layer its extractor uses for FID. The
     classifier's are computed here, in the batches torch-fidelity would use (equal to its own
     to the bit, tests/unit/test_fid.py), so that scoring never imports torch-fidelity; the
-    Inceptions' go through torch-fidelity's extractor."""
+    Inceptions' go through torch-fidelity's extractor. `classifier`: the classifier of
+    `weights_path` already loaded (a caller scoring many sets loads it once)."""
     _check_images(images, "images")
     weights_path = resolve_weights(extractor, weights_path)
     cuda = _use_cuda(device)
     batch_size = _batch_size(extractor, batch_size, cuda)
     if extractor == CLASSIFIER:
-        model = load_classifier(weights_path)
+        model = classifier if classifier is not None else load_classifier(weights_path)
         model = model.cuda() if cuda else model
         x = _UInt8Images(images).images
         with torch.no_grad():

@@ -45,11 +45,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.models.checkpoint import save_checkpoint
+from pipeline.config.settings import DiffusionTeacherParams, EDMSchedule, PretrainedParams
 from pipeline.data.shards import read_manifest, sha256
 from pipeline.errors import PipelineError
+from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.schedules import edm_precond
-from pipeline.config.settings import DiffusionTeacherParams, EDMSchedule, PretrainedParams
 from pipeline.models.teachers import DataShape, Teacher, teacher_config
 
 

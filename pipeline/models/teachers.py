@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.config.settings import BridgeTeacherParams, DiffusionTeacherParams, Params
 from pipeline.models.bridge import BridgeSchedule, bridge_loss_weight, bridge_precond, sample_training_t
 from pipeline.models.nets import UNet
-from pipeline.samplers import sample
 from pipeline.models.schedules import edm_loss_weight, edm_precond, sample_training_sigma
-from pipeline.config.settings import BridgeTeacherParams, DiffusionTeacherParams, Params
+from pipeline.samplers import sample
 from pipeline.training.loop import Task
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from pipeline.config.settings import TEACHER_NAMES, RayParams, TrainParams
 from pipeline.data.shards import load_split
 from pipeline.data.stream import TrainData
-from pipeline.config.settings import TEACHER_NAMES, RayParams, TrainParams
 from pipeline.training.loop import Task, TrainRun
 
 

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from pipeline.training import compute as device_settings
 from pipeline.config.settings import ComputeParams, RayParams, TrainParams
+from pipeline.training import compute as device_settings
 
 
 class Task:

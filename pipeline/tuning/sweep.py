@@ -21,8 +21,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.config.schema import ConfigError, format_errors, parse_params
-from pipeline.errors import PipelineError
 from pipeline.config.settings import Params
+from pipeline.errors import PipelineError
 
 MODES = {"fid": "min", "kid": "min", "accuracy": "max"}
 

@@ -81,7 +81,53 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    _group_for_xdist(items)
+    if config.getvalue("loadgroup"):  # on an xdist worker
+        _longest_first(items)
+    _skip_gpu_tests_without_cuda(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, called on the controller per worker
+def pytest_xdist_node_collection_finished(node, ids):
+    """Stop when xdist did not write the groups into the test ids its scheduler reads: the
+    run would build a shared fixture on both workers instead of failing anything."""
+    if node.config.getvalue("dist") == "loadgroup" and not all("@" in i for i in ids):
+        pytest.exit("pytest-xdist did not apply the test groups: this pytest keeps test ids where the installed "
+                    "pytest-xdist cannot extend them; install the versions pyproject.toml's dev extra allows "
+                    "(`pip install -e '.[dev]'`), or run without workers (`pytest -n 0`)", returncode=4)
+
+
+def _group_for_xdist(items):
+    """Groups for pytest-xdist (`--dist loadgroup`, pyproject.toml): a group runs on one worker,
+    so a costly shared fixture is built once. Every test of the smoke project (it needs the
+    session fixture `project`, ~7 min to build) is one group; a test with a module- or
+    class-scoped fixture is grouped with its module; any other test is a group of its own. The
+    largest groups start first; each goes to whichever worker is free."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs if fixtures else {}
+        if "project" in defs:
+            item.add_marker(pytest.mark.xdist_group("smoke-project"))
+        elif any(d.scope in ("module", "class") for ds in defs.values() for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        else:  # a group of its own, so that every id carries one (checked above)
+            item.add_marker(pytest.mark.xdist_group(item.nodeid))
+
+
+def _longest_first(items):
+    """xdist hands out groups in collection order (`--no-loadscope-reorder`): the smoke
+    project's group first, then the other integration tests (each builds or runs a chain),
+    then the unit and contract tests, which fill in at the end on whichever worker is free."""
+    def rank(item):
+        if any(m.args == ("smoke-project",) for m in item.iter_markers("xdist_group")):
+            return 0
+        return 1 if item.nodeid.startswith("tests/integration/") else 2
+    items.sort(key=rank)  # stable: the order within a rank is the collection's
+
+
+def _skip_gpu_tests_without_cuda(items):
     """`gpu` tests need a CUDA device; without one they are skipped with that reason (shown
     in the summary), never silently passed. On a GPU machine: `bash bench/gpu_check.sh`."""
     if torch.cuda.is_available():

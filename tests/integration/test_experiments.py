@@ -92,16 +92,49 @@ def test_a_bad_sweep_fails_before_starting_and_names_the_key(project, tmp_path):
     assert "Started a local Ray" not in out.stderr and not (root / "results" / "sweeps" / "bad").exists()
 
 
-def test_best_command_reproduces_in_dvc_experiments(sweep):
+@pytest.fixture(scope="module")
+def queued(sweep, tmp_path_factory):
+    """The sweep's best command and a second experiment (another key), queued with `dvc exp run
+    --queue` and run by two DVC queue workers at once, in a copy of the smoke project after the
+    sweep, tracked by its own MLflow server (these runs must not become the newest group of
+    the smoke chain's). Both experiments reach the same stages, so one pair of runs serves
+    the reproduction check and the side-by-side one."""
+    source, env, _ = sweep
+    tmp = tmp_path_factory.mktemp("queued")
+    root = copy_project(source, tmp / "project")
+    command = json.loads((root / "results" / "sweeps" / SWEEP / "best.json").read_text())["command"]
+    with MlflowServer(tmp / "server") as server:
+        # a group per experiment (commit + params), both on one server
+        env = {**{k: v for k, v in env.items() if k != "PIPELINE_RUN_GROUP"}, "MLFLOW_TRACKING_URI": server.uri}
+        sh(command.replace("dvc exp run", "dvc exp run --queue --name best-lr"), root, env)
+        sh("dvc exp run --queue --name ema -S distill.cd.ema_mu=0.9", root, env)
+        status = run_queue(root, env)
+        client = MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("distillation")
+        runs = client.search_runs([exp.experiment_id], "tags.stage = 'distill' and tags.model = 'cd'")
+        yield root, env, command, status, runs
+
+
+def run_queue(root, env, timeout_s=900):
+    """`dvc queue start -j 2`, then wait until nothing is queued or running; the last status."""
+    sh("dvc queue start -j 2", root, env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = sh("dvc queue status", root, env).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(5)
+    sh("dvc queue stop --kill", root, env, check=False)
+    return status
+
+
+def test_best_command_reproduces_in_dvc_experiments(queued):
     """The printed `dvc exp run -S ...` reruns only the swept student's branch; a second
     experiment changes another key; `dvc exp show` lists their metrics and `dvc plots diff`
     draws both FID-vs-NFE curves."""
-    root, env, _ = sweep
-    command = json.loads((root / "results" / "sweeps" / SWEEP / "best.json").read_text())["command"]
-    first = sh(command.replace("dvc exp run", "dvc exp run --name best-lr"), root, env)
-    assert ran_stages(first.stdout) == {"distill@cd", "evaluate@cd", "report"}
-    second = sh("dvc exp run --name ema -S distill.cd.ema_mu=0.9", root, env)
-    assert ran_stages(second.stdout) == {"distill@cd", "evaluate@cd", "report"}
+    root, env, _, _, _ = queued
+    for name in ("best-lr", "ema"):
+        assert ran_stages(sh(f"dvc queue logs {name}", root, env).stdout) == {"distill@cd", "evaluate@cd", "report"}
     shown = json.loads(sh("dvc exp show --json", root, env).stdout)
     experiments = _experiments(shown)
     assert {"best-lr", "ema"} <= set(experiments)
@@ -134,40 +167,18 @@ def _experiments(shown):
 
 
 @pytest.mark.faults
-def test_two_queued_experiments_run_side_by_side(project, tmp_path):
-    """`dvc exp run --queue` twice, then two DVC queue workers at once (in a copy of the smoke
-    project): both complete, `dvc exp show` lists both with their metrics, and one MLflow
-    server (its own: these runs must not become the newest group of the smoke chain's) holds
-    every stage run of both, each FINISHED."""
-    source, env = project
-    root = copy_project(source, tmp_path / "project")
-    with MlflowServer(tmp_path / "server") as server:
-        # a group per experiment (commit + params), both on one server
-        env = {**{k: v for k, v in env.items() if k != "PIPELINE_RUN_GROUP"}, "MLFLOW_TRACKING_URI": server.uri}
-        run_two_queued_experiments(root, env)
-
-
-def run_two_queued_experiments(root, env):
-    names = {"q-lr-small": 3e-4, "q-lr-large": 2e-3}
-    for name, lr in names.items():
-        sh(f"dvc exp run --queue --name {name} -S distill.tdd.train.lr={lr}", root, env)
-    sh("dvc queue start -j 2", root, env)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = sh("dvc queue status", root, env).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        time.sleep(5)
-    sh("dvc queue stop --kill", root, env, check=False)
+def test_two_queued_experiments_run_side_by_side(queued):
+    """Two DVC queue workers at once: both experiments complete, `dvc exp show` lists both with
+    their params and metrics, and their MLflow server holds each one's distill run, FINISHED."""
+    root, env, command, status, runs = queued
     assert "Failed" not in status and status.count("Success") == 2, status
     experiments = _experiments(json.loads(sh("dvc exp show --json", root, env).stdout))
-    assert set(names) <= set(experiments), sorted(experiments)
-    for name, lr in names.items():
-        data = experiments[name]["data"]
-        assert data["params"]["params.yaml"]["data"]["distill"]["tdd"]["train"]["lr"] == lr
-        assert data["metrics"]["results/eval/tdd/metrics.json"]["data"]["student"]
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("distillation")
-    runs = client.search_runs([exp.experiment_id], "tags.stage = 'distill' and tags.model = 'tdd'")
-    lrs = {float(r.data.params["distill.tdd.train.lr"]): r.info.status for r in runs}
-    assert {lrs.get(lr) for lr in names.values()} == {"FINISHED"}, lrs
+    best_lr = float(command.split("distill.cd.train.lr=")[1].split()[0])
+    cd = {name: experiments[name]["data"]["params"]["params.yaml"]["data"]["distill"]["cd"] for name in ("best-lr", "ema")}
+    assert cd["best-lr"]["train"]["lr"] == best_lr and cd["ema"]["ema_mu"] == 0.9
+    for name in ("best-lr", "ema"):
+        assert experiments[name]["data"]["metrics"]["results/eval/cd/metrics.json"]["data"]["student"]
+    base = yaml.safe_load((root / "params.yaml").read_text())["distill"]["cd"]  # the baseline's
+    ran = sorted((float(r.data.params["distill.cd.train.lr"]), float(r.data.params["distill.cd.ema_mu"]),
+                  r.info.status) for r in runs)
+    assert ran == sorted([(best_lr, base["ema_mu"], "FINISHED"), (base["train"]["lr"], 0.9, "FINISHED")]), ran

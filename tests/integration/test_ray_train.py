@@ -57,6 +57,9 @@ def test_resumes_from_checkpoint_after_a_worker_is_killed(idle_cluster, tmp_path
     resumed = client.get_metric_history(run.run_id, "train/resumed_from_step")
     assert [m.value for m in resumed] == [20.0]  # the last checkpoint before the crash at 30
     steps = sorted({m.step for m in client.get_metric_history(run.run_id, "train/loss")})
-    assert steps == [10, 20, 30, 40, 50, 60]  # 30 is logged by the first attempt, then again
+    # The resumed attempt logs every step after its checkpoint. The killed attempt's metrics
+    # are sent in the background (tracking.MetricLogger): those still queued when its process
+    # died are lost with it, as on a lost machine, so its steps 10 and 20 may or may not arrive.
+    assert [s for s in steps if s > 20] == [30, 40, 50, 60] and set(steps) <= {10, 20, 30, 40, 50, 60}, steps
     print(f"fault: worker process killed at step 30 of 60 | resumed from step 20, steps lost 10 "
           f"(checkpoint_every {train.checkpoint_every}) | fit {seconds:.1f} s in all | outputs lost 0")

@@ -1,7 +1,8 @@
-"""A tracking server killed in the middle of a training stage (the smoke project's
-teacher@diffusion, against its own `mlflow server`): back within the retry window, the
+"""A tracking server killed in the middle of a training stage (the smoke profile's
+teacher@diffusion on data the prepare stage wrote, against its own `mlflow server`): back within the retry window, the
 stage completes with every metric; gone for good, it ends with one line after writing its
 checkpoint, and the run is left RUNNING for `dvc commit` (docs/errors.md)."""
+import os
 import subprocess
 import sys
 import time
@@ -11,10 +12,22 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.models.checkpoint import load_checkpoint
-from tests.conftest import smoke_params
+from tests.conftest import ROOT, smoke_params
+from tests.integration.conftest import sh
 from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_address):
+    """A folder holding the smoke profile's prepared data (the prepare stage alone), and the
+    environment that joins the session's Ray cluster: all a training stage reads."""
+    root = tmp_path_factory.mktemp("outage")
+    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    sh(f"{sys.executable} {ROOT / 'stages' / 'prepare.py'} --out data/prepared", root, env)
+    return root, env
 
 
 def start_teacher(root, env, tmp_path, server, retry_s):
@@ -24,10 +37,10 @@ def start_teacher(root, env, tmp_path, server, retry_s):
     file.write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**env, "MLFLOW_TRACKING_URI": server.uri, "PIPELINE_RUN_GROUP": f"outage-{retry_s}",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    proc = subprocess.Popen([sys.executable, "stages/teacher.py", "diffusion", "--data", "data/prepared", "--out",
-                             str(tmp_path / "diffusion.pt"), "--storage", str(tmp_path / "ray"), "--params",
-                             str(file)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "teacher.py"), "diffusion", "--data",
+                             "data/prepared", "--out", str(tmp_path / "diffusion.pt"), "--storage",
+                             str(tmp_path / "ray"), "--params", str(file)],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, params["teacher"]["diffusion"]["train"]
 
 
@@ -56,8 +69,8 @@ def logged_steps(train):
     return sorted(s for s in range(1, train["steps"] + 1) if s % train["log_every"] == 0 or s == train["steps"])
 
 
-def test_server_back_within_the_window_loses_no_metric(project, tmp_path):
-    root, env = project
+def test_server_back_within_the_window_loses_no_metric(prepared, tmp_path):
+    root, env = prepared
     with MlflowServer(tmp_path / "server") as server:
         proc, train = start_teacher(root, env, tmp_path, server, retry_s=300)
         run_id = kill_once(server, proc, params_logged)
@@ -76,8 +89,8 @@ def test_server_back_within_the_window_loses_no_metric(project, tmp_path):
               f"after it returned | metrics lost {len(logged_steps(train)) - len(steps)} | outputs lost 0")
 
 
-def test_server_gone_for_good_is_one_line_and_keeps_the_checkpoint(project, tmp_path):
-    root, env = project
+def test_server_gone_for_good_is_one_line_and_keeps_the_checkpoint(prepared, tmp_path):
+    root, env = prepared
     server = MlflowServer(tmp_path / "server").start()
     try:
         proc, _ = start_teacher(root, env, tmp_path, server, retry_s=5)

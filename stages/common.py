@@ -107,8 +107,14 @@ class ParamsView:
             node = self._params
             for part in key.split("."):
                 node = getattr(node, part)
-            out[key] = node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+            out[key] = _plain(node)
         return out
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
 def _dvc_stage(stage):

@@ -1,4 +1,5 @@
-"""DVC stage `report`: FID-vs-NFE table, plot and summary of every evaluated model."""
+"""DVC stage `report`: the answer (summary.md), every comparison, the pictures and the headline
+metrics of every evaluated model (pipeline.report)."""
 from pathlib import Path
 
 import common
@@ -13,10 +14,11 @@ def main(args):
     fid_name = FeatureSpace.load(args.features).fid_name
     folders = [Path(args.evals) / m for m in (*params.evaluate.models, "floor")]
     style = params.teacher.bridge.style if "bridge" in params.evaluate.models else None
-    table = write_report(folders, args.out, fid_name, style)  # names a missing evaluation and its stage
+    table = write_report(folders, args.out, fid_name, params.data.n_reference, style,  # names a missing evaluation
+                         params.report.targets)
     with common.stage_run(params, args, "report") as run:
-        run.log_artifact(Path(args.out) / "fid_vs_nfe.png")
-        run.log_artifact(Path(args.out) / "summary.md")
+        for name in ("summary.md", "verdicts.png", "fid_vs_nfe.png", "headline.json"):
+            run.log_artifact(Path(args.out) / name)
     print(f"report: {len(table)} points -> {args.out}")
 
 

@@ -84,7 +84,7 @@ def _few_threads():
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     _group_for_xdist(items)
-    if config.getvalue("loadgroup"):  # on an xdist worker
+    if getattr(config.option, "loadgroup", False):  # on an xdist worker
         _longest_first(items)
     _skip_gpu_tests_without_cuda(items)
 

@@ -14,7 +14,8 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from pipeline import distill
 from pipeline.config.settings import (TEACHER_NAMES, Corruption, DataParams, EvaluateParams, FeaturesParams, Params,
-                               RayParams, SuperResolution, TeachersParams, TrackingParams, check_known)
+                                      RayParams, ReportParams, SuperResolution, TeachersParams, TrackingParams,
+                                      check_known)
 from pipeline.errors import PipelineError
 
 
@@ -73,6 +74,13 @@ class PipelineBase(Params):
         if not self.corruption.conditional and "bridge" in methods.values():
             raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
                              "remove the bridge's students from distill.methods or choose a corruption")
+        models = (*TEACHER_NAMES, *distill.METHODS)  # a target on a model this run skips reads "not evaluated"
+        for i, target in enumerate(self.report.targets):
+            if target.model not in models:
+                raise ValueError(f"report.targets[{i}].model {target.model!r}: a teacher or method, one of {models}")
+            if target.than not in ("teacher_best", "teacher_same_nfe", *models):
+                raise ValueError(f"report.targets[{i}].than {target.than!r}: 'teacher_best', 'teacher_same_nfe' "
+                                 f"or a teacher or method, one of {models}")
         self.corruption.check(shape)
         if self.teacher.diffusion.pretrained is not None and self.corruption.class_conditional:
             raise ValueError("teacher.diffusion.pretrained: a pretrained diffusers teacher is unconditional; "
@@ -103,7 +111,7 @@ def _schema(registered):
                            methods=(dict[str, str], {n: distill.METHODS[n].teacher for n in names}))
     evaluate = EvaluateParams(models=[*TEACHER_NAMES, *names])
     return create_model("PipelineParams", __base__=PipelineBase, distill=(section, section()),
-                        evaluate=(EvaluateParams, evaluate))
+                        evaluate=(EvaluateParams, evaluate), report=(ReportParams, ReportParams()))
 
 
 def schema():

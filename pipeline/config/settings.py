@@ -409,3 +409,26 @@ class EvaluateParams(Params):
         if not nfe or any(n < 1 or n > 10_000 for n in nfe) or sorted(set(nfe)) != nfe:
             raise ValueError("must be a non-empty, strictly increasing list of integers in [1, 10000]")
         return nfe
+
+
+# --- report (pipeline.report) ------------------------------------------------
+
+class Target(Params):
+    """A claim the report checks and states as met / missed / indistinguishable
+    (pipeline.report.targets, docs/evaluation.md "Targets")."""
+    model: str  # an evaluated model (checked in pipeline.config.schema)
+    nfe: int = Field(ge=1, le=10_000)
+    claim: Literal["not_worse", "better", "faster"]
+    # not_worse / better: "teacher_best", "teacher_same_nfe" or another evaluated model at the same NFE
+    than: str = "teacher_best"
+    by: Optional[float] = Field(None, gt=0.0)  # faster: the least measured speed-up
+
+    @model_validator(mode="after")
+    def _by(self):
+        if (self.claim == "faster") != (self.by is not None):
+            raise ValueError("`by` (the least speed-up) goes with claim 'faster', and only with it")
+        return self
+
+
+class ReportParams(Params):
+    targets: list[Target] = []

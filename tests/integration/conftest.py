@@ -15,7 +15,7 @@ import yaml
 from tests.conftest import ROOT, smoke_params
 from tests.mlflow_server import MlflowServer
 
-COPIED = ["pipeline", "stages", "sweeps", "notebooks", "pretrained", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+COPIED = ["pipeline", "stages", "scripts", "sweeps", "notebooks", "pretrained", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
           ".dvc/plots", ".dvcignore", "pyproject.toml"]
 
 

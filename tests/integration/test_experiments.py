@@ -4,6 +4,7 @@ table and best configuration, resumes instead of starting over, and its `dvc exp
 command reproduces the best trial in the pipeline, which `dvc exp show` and
 `dvc plots diff` then compare."""
 import json
+import re
 import time
 
 import pandas as pd
@@ -139,8 +140,14 @@ def test_best_command_reproduces_in_dvc_experiments(queued):
     experiments = _experiments(shown)
     assert {"best-lr", "ema"} <= set(experiments)
     for name in ("best-lr", "ema"):
-        metrics = experiments[name]["data"]["metrics"]["results/eval/cd/metrics.json"]["data"]
-        assert metrics["student"]["nfe_002"]["fid"] > 0
+        metrics = experiments[name]["data"]["metrics"]
+        assert list(metrics) == ["results/headline.json"]  # the headline, not every (sampler, NFE) point
+        headline = metrics["results/headline.json"]["data"]
+        assert set(headline) == set(yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["models"])
+        assert headline["cd"]["fid"] > 0 and {"fid", "teacher_best_fid", "speedup"} <= set(headline["cd"])
+    diff = json.loads(sh("dvc metrics diff best-lr ema --json", root, env).stdout)
+    assert "cd.fid" in diff["results/headline.json"]  # the two students differ; the teachers do not
+    assert "diffusion.teacher_best_fid" not in diff["results/headline.json"]
     ema = experiments["ema"]["data"]["params"]["params.yaml"]["data"]["distill"]["cd"]["ema_mu"]
     assert ema == 0.9
     plots = json.loads(sh("dvc plots diff best-lr ema --json", root, env).stdout)
@@ -153,6 +160,15 @@ def test_best_command_reproduces_in_dvc_experiments(queued):
     assert ("best-lr", "cd/student") in curves and ("ema", "cd/student") in curves
     assert curves[("best-lr", "cd/student")] != curves[("ema", "cd/student")]  # two different students
     assert curves[("best-lr", "diffusion/ddim")] == curves[("ema", "diffusion/ddim")]  # one shared teacher
+    assert plots["data"]["results/verdicts.csv"][0]["revisions"] == ["best-lr", "ema"]
+    # Offline: both runs' charts rendered by scripts/plots.py, the Vega scripts inlined, no CDN.
+    out = root / "offline"
+    sh(f"python scripts/plots.py best-lr ema -o {out}", root, env)
+    for stem in ("results_verdicts", "results_fid_vs_nfe_curves"):
+        html = (out / f"{stem}.html").read_text()
+        assert not re.search(r"<script[^>]+src=", html) and "vegaEmbed" in html, stem
+        assert '"rev":"best-lr"' in html.replace(" ", "") and '"rev":"ema"' in html.replace(" ", ""), stem
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _experiments(shown):
@@ -177,7 +193,7 @@ def test_two_queued_experiments_run_side_by_side(queued):
     cd = {name: experiments[name]["data"]["params"]["params.yaml"]["data"]["distill"]["cd"] for name in ("best-lr", "ema")}
     assert cd["best-lr"]["train"]["lr"] == best_lr and cd["ema"]["ema_mu"] == 0.9
     for name in ("best-lr", "ema"):
-        assert experiments[name]["data"]["metrics"]["results/eval/cd/metrics.json"]["data"]["student"]
+        assert experiments[name]["data"]["metrics"]["results/headline.json"]["data"]["cd"]["fid"] > 0
     base = yaml.safe_load((root / "params.yaml").read_text())["distill"]["cd"]  # the baseline's
     ran = sorted((float(r.data.params["distill.cd.train.lr"]), float(r.data.params["distill.cd.ema_mu"]),
                   r.info.status) for r in runs)

@@ -137,29 +137,47 @@ def comparisons(table):
 
 
 def summary(table, verdicts):
-    """summary.md as the report opens it: per curve the fewest NFE whose comparison with the
-    teacher's best point is not 'worse' (the best point itself: a difference of 0), then
-    another section."""
-    lines = ["| model | sampler | teacher | teacher_best | nfe | fid | difference | ms_per_sample |",
-             "|---|---|---|---|---|---|---|---|"]
+    """summary.md as the report opens it: the protocol, then per model (the teachers first)
+    the fewest NFE whose comparison with the teacher's best point is not 'worse' (the best
+    point itself: a difference of 0), then another section."""
+    lines = ["| model | fewest NFE not worse than the teacher's best | FID there [95 %] | minus the teacher's best |",
+             "|---|---|---|---|"]
     against_best = verdicts[verdicts["comparison"] == "vs teacher's best"].set_index("a")
     models = table[table["method"] != "reference"]
-    for (model, sampler), curve in models.groupby(["model", "sampler"]):
-        teacher = curve["teacher"].iloc[0]
-        best = models[(models["model"] == teacher) & (models["method"] == "teacher")].nsmallest(1, "fid").iloc[0]
-        row = f"| {model} | {sampler} | {teacher} | {best['sampler']}@{best['nfe']} (FID {best['fid']:.3f}) | "
-        for point in curve.sort_values("nfe").itertuples():
+    for model, points in sorted(models.groupby("model"), key=lambda mp: mp[1]["method"].iloc[0] != "teacher"):
+        for point in points.sort_values(["nfe", "fid"]).itertuples():
             c = against_best.loc[name(point)] if name(point) in against_best.index else None
             if c is None or c["verdict"] != "worse":
                 d, lo, hi = (0.0, 0.0, 0.0) if c is None else (c["difference"], c["lo"], c["hi"])
-                lines.append(row + f"{point.nfe} | {point.fid:.4g} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                             f"{1000 * point.sec_per_sample:.4g} |")
+                lines.append(f"| {model} | {point.nfe} | {point.fid:.3f} [{point.fid_lo:.3f}, {point.fid_hi:.3f}] | "
+                             f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
                 break
         else:
-            lines.append(row + "none evaluated | nan |  | nan |")
-    return ("# How few network evaluations does each model need?\n\nFID is classifier FID.\n\n"
-            "## Fewest NFE not worse than the teacher's best point\n\n" + "\n".join(lines)
-            + "\n\n## Comparisons\n\n| a | b |\n|---|---|\n| next | section |\n")
+            lines.append(f"| {model} | not reached up to {points['nfe'].max()} | | |")
+    return ("# How few network evaluations does each model need?\n\nclassifier FID of 100 inputs.\n\n"
+            "## The answer\n\nTeachers first.\n\n" + "\n".join(lines)
+            + "\n\n## Targets\n\n| target | verdict |\n|---|---|\n| next | section |\n")
+
+
+def verdict_rows(table, verdicts):
+    """verdicts.csv as the report writes it: per family, each curve's points with their
+    difference to the teacher's best (the best point at 0), the oracle as a flat floor."""
+    against_best = verdicts[verdicts["comparison"] == "vs teacher's best"].set_index("a")
+    models, rows = table[table["method"] != "reference"], []
+    for family in models.loc[models["method"] == "teacher", "model"].unique():
+        members = models[(models["model"] == family) | (models["teacher"] == family)]
+        best = members[members["method"] == "teacher"].nsmallest(1, "fid").iloc[0]
+        for point in members.itertuples():
+            curve = point.model if point.sampler == "student" else f"{point.model} / {point.sampler}"
+            c = against_best.loc[name(point)] if name(point) in against_best.index else None
+            d, lo, hi, v = (0.0, 0.0, 0.0, "the teacher's best") if c is None else (
+                c["difference"], c["lo"], c["hi"], c["verdict"])
+            rows.append([family, curve, point.nfe, name(point), d, lo, hi, v])
+        oracle = table[table["model"] == "oracle"].iloc[0]
+        for nfe in (members["nfe"].min(), members["nfe"].max()):
+            d = oracle["fid"] - best["fid"]
+            rows.append([family, "oracle (floor)", nfe, "oracle/x0@0", d, d - HALF_WIDTH, d + HALF_WIDTH, "better"])
+    return pd.DataFrame(rows, columns=["family", "curve", "nfe", "point", "difference", "lo", "hi", "verdict"])
 
 
 def write_results(root):
@@ -173,6 +191,7 @@ def write_results(root):
     table.to_csv(results / "fid_vs_nfe.csv", index=False)
     verdicts.to_csv(results / "comparisons.csv", index=False)
     (results / "summary.md").write_text(summary(table, verdicts))
+    verdict_rows(table, verdicts).to_csv(results / "verdicts.csv", index=False)
     g = torch.Generator().manual_seed(0)
     for model, points in table[table["method"] != "reference"].groupby("model"):
         grids = results / "eval" / model / "grids"
@@ -245,10 +264,12 @@ def test_notebook_on_a_fake_project_without_mlflow_runs(tmp_path, monkeypatch, s
     assert re.search(r"ibmd/student@1\s+bridge/posterior@1\s+4\s+8\s+-4 \[-4\.25, -3\.75\]\s+better", same_nfe)
     assert re.search(r"mm/student@4\s+pd/student@4\s+2\.2\s+2\.3\s+-0\.1 \[-0\.35, \+0\.15\]\s+indistinguishable",
                      blocks["method vs method at the same NFE"][2])
-    reach = text.split("Fewest NFE not worse than the teacher's best point (results/summary.md):")[1]
-    assert re.search(r"mm\s+student\s+diffusion\s+euler@4 \(FID 2\.000\)\s+4\s+2\.2\s+\+0\.200 \[-0\.050, \+0\.450\]",
-                     reach), reach
-    assert len(reach.strip().splitlines()) == 1 + 6 and "next" not in reach  # six curves; the next section not read
+    reach = text.split("The answer (results/summary.md):")[1]
+    assert re.search(r"mm\s+4\s+2\.200 \[1\.900, 2\.500\]\s+\+0\.200 \[-0\.050, \+0\.450\]", reach), reach
+    assert [line.split()[0] for line in reach.strip().splitlines()[1:]] == ["bridge", "diffusion", "ibmd", "mm", "pd"]
+    assert "next" not in reach  # one row per model; the next section not read
+    text, images = section(found, "6.")
+    assert images == 1 and "mm: 4" in text and "pd" not in text.split("fewest NFE):")[1]  # pd is worse everywhere
     markdown = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.source.startswith("## 5."))
     assert "excludes 0" in markdown
 
@@ -284,4 +305,6 @@ def test_notebook_on_the_smoke_project(project, monkeypatch):
     blocks = verdict_blocks(text)
     assert {k: n for k, (n, _, _) in blocks.items()} == verdicts["comparison"].value_counts().to_dict()
     assert all(m in text for m in students["model"].unique())
-    assert "Fewest NFE not worse than the teacher's best point (results/summary.md):" in text
+    assert "The answer (results/summary.md):" in text
+    text, images = section(found, "6.")
+    assert images == 1 and "not worse than the teacher's best" in text

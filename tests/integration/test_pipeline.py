@@ -38,12 +38,33 @@ def test_chain_writes_the_report(project):
     assert oracle["fid"] < table[table["model"] == "diffusion"]["fid"].min()  # the floor is below the models
     verdicts = pd.read_csv(root / "results" / "comparisons.csv")
     assert set(verdicts["verdict"]) <= {"better", "worse", "indistinguishable"}
-    assert {"vs teacher's best", "vs teacher at the same NFE", "method vs method at the same NFE"} == set(
-        verdicts["comparison"])
+    assert {"vs teacher's best", "floor vs teacher's best", "vs teacher at the same NFE",
+            "method vs method at the same NFE"} == set(verdicts["comparison"])
     assert ((verdicts["verdict"] == "better") == (verdicts["hi"] < 0)).all()
+    # One-call samplers reach the same 1-NFE sample: compared once, named together.
+    assert verdicts["a"].str.startswith("diffusion/{").any() and not verdicts["a"].str.match(r"diffusion/\w+@1$").any()
     summary = (root / "results" / "summary.md").read_text()
     assert summary.startswith("# How few network evaluations does each model need?")
-    assert "Fewest NFE not worse than the teacher's best point" in summary and "Where zero is" in summary
+    assert "nan" not in summary and "Where zero is" in summary
+    assert [line for line in summary.splitlines() if line.startswith("## ")][0] == "## The answer"
+    answer = [line for line in summary.split("## The answer")[1].split("\n## ")[0].splitlines()
+              if line.startswith("| ") and not line.startswith("| model ")]
+    named = [line.split(" | ")[0][2:].split(" ")[0] for line in answer]
+    assert sorted(named) == sorted(params["evaluate"]["models"])  # one row per model
+    assert set(named[:2]) == {"diffusion", "bridge"}  # the teachers first
+    assert all(all(cell.strip() for cell in line.strip("|").split("|")) for line in answer)  # no empty cell
+    targets = summary.split("## Targets")[1].split("\n## ")[0]
+    assert targets.count("\n| ") == 1 + len(params["report"]["targets"])  # header + one row each
+    assert "mm @ 8 NFE" in targets and "not evaluated" in targets  # the smoke chain evaluates up to 4 NFE
+    drawn = pd.read_csv(root / "results" / "verdicts.csv")
+    stated = verdicts[verdicts["comparison"].isin(["vs teacher's best", "floor vs teacher's best"])]
+    merged = drawn[drawn["verdict"] != "the teacher's best"].merge(stated, left_on="point", right_on="a")
+    merged = merged[merged["b"].str.split("/").str[0] == merged["family"]]
+    assert len(merged) == (drawn["verdict"] != "the teacher's best").sum()  # each drawn point is a stated one
+    assert (merged["difference_x"] == merged["difference_y"]).all() and (merged["lo_x"] == merged["lo_y"]).all()
+    headline = json.loads((root / "results" / "headline.json").read_text())
+    assert set(headline) == set(params["evaluate"]["models"])
+    assert all(set(h) == {"fewest_nfe", "fid", "teacher_best_fid", "speedup"} for h in headline.values())
     students = table[table["sampler"] == "student"]
     assert set(students["method"]) == set(params["distill"]["methods"])
     assert dict(zip(students["model"], students["teacher"])) == params["distill"]["methods"]
@@ -52,9 +73,9 @@ def test_chain_writes_the_report(project):
     assert (table[floor]["sec_per_sample"] == 0).all()  # the floor rows are not sampled
     teachers = table[table["method"] == "teacher"]
     assert (teachers["nfe"] <= max(params["evaluate"]["nfe"])).all()
-    for name in ("fid_vs_nfe.png", "summary.md", "fid_vs_nfe_curves.csv"):
+    for name in ("fid_vs_nfe.png", "verdicts.png", "summary.md", "comparisons.md", "fid_vs_nfe_curves.csv"):
         assert (root / "results" / name).stat().st_size > 0
-    assert "Pareto front" in (root / "results" / "summary.md").read_text()
+    assert "## Pareto front" in (root / "results" / "comparisons.md").read_text()
     replicates = json.loads((root / "results" / "eval" / "diffusion" / "replicates.json").read_text())
     assert replicates["n"] == params["evaluate"]["n_samples"] and replicates["seeds"] == params["evaluate"]["seeds"]
     assert all(len(r["fid"]) == params["evaluate"]["groups"] for r in replicates["points"].values())

@@ -1,14 +1,12 @@
 """Evaluation plumbing: NFE planning, per-sample seeds (results independent of the
-shard layout and batch size), jobs split per (sampler, nfe) giving the very same samples,
-and the report's Pareto front."""
-import pandas as pd
+shard layout and batch size), and jobs split per (sampler, nfe) giving the very same
+samples."""
 import pytest
 import torch
 
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.data.shards import write_manifest, write_split
 from pipeline.evaluation.sampling import merge_shards, plan, sample_shard, shard_jobs, split_by_plan
-from pipeline.report import pareto_front
 from pipeline.config.settings import DiffusionTeacherParams, UNetParams
 from pipeline.models.teachers import DataShape, DiffusionTeacherTask, teacher_config
 
@@ -82,51 +80,3 @@ def test_jobs_split_per_plan_item_give_the_same_samples(tiny_setup):
     assert list(pieces) == list(whole) == [(s, n, 7) for s, n in jobs]
     for key in whole:
         assert torch.equal(pieces[key][0], whole[key][0]), key  # bit for bit, not just close
-
-
-def test_pareto_front_keeps_only_undominated_points():
-    table = pd.DataFrame({"model": ["a", "a", "b", "b", "c"], "nfe": [1, 4, 1, 2, 8],
-                          "fid": [10.0, 3.0, 12.0, 5.0, 4.0]})
-    front = pareto_front(table)
-    assert list(zip(front["nfe"], front["fid"])) == [(1, 10.0), (2, 5.0), (4, 3.0)]
-
-
-def write_folder(root, model, method, teacher, points, groups=10, seed=0, folder=None):
-    """An evaluation folder whose replicates are estimate + noise: {(sampler, nfe): (fid, spread)}."""
-    import numpy as np
-
-    from pipeline.evaluation.results import METRICS, point_key, write_evaluation
-    rng = np.random.default_rng(seed)
-    rows, reps = [], {}
-    for (sampler, nfe), (fid, spread, sec) in points.items():
-        r = fid + spread * rng.standard_normal(groups)
-        lo, hi = fid - 2 * spread, fid + 2 * spread
-        rows.append({"model": model, "method": method, "teacher": teacher, "sampler": sampler, "nfe": nfe,
-                     **{m: float("nan") for m in METRICS}, "fid": fid, "fid_lo": lo, "fid_hi": hi,
-                     "sec_per_sample": sec})
-        reps[point_key(sampler, nfe)] = {"fid": list(r)}
-    write_evaluation(root / (folder or model), rows, reps, {}, {"n": 100, "groups": groups, "seeds": [1]})
-    return root / (folder or model)
-
-
-def test_report_verdicts_speed_ups_and_the_fewest_nfe(tmp_path):
-    from pipeline.report import Results, comparisons, fewest_nfe, speedups
-    shared = 0.02  # every replicate draw below uses the same seed: the noise is shared (paired)
-    folders = [
-        write_folder(tmp_path, "diffusion", "teacher", "diffusion",
-                     {("ddim", 1): (9.0, shared, 1.0), ("ddim", 8): (2.0, shared, 8.0), ("ddim", 32): (1.0, shared, 32.0)}),
-        write_folder(tmp_path, "mm", "mm", "diffusion", {("student", 4): (1.0, shared, 2.0)}),
-        write_folder(tmp_path, "pd", "pd", "diffusion", {("student", 4): (1.5, shared, 2.0)}),
-        write_folder(tmp_path, "oracle", "reference", "", {("x0", 0): (0.4, shared, 0.0)}, folder="floor"),
-    ]
-    results = Results(folders)
-    verdicts = comparisons(results).set_index(["comparison", "a"])
-    assert verdicts.loc[("vs teacher's best", "mm/student@4"), "verdict"] == "indistinguishable"  # equal FID
-    assert verdicts.loc[("vs teacher's best", "pd/student@4"), "verdict"] == "worse"
-    assert verdicts.loc[("method vs method at the same NFE", "mm/student@4"), "verdict"] == "better"
-    reach = fewest_nfe(results).set_index("model")
-    assert reach.loc["mm", "nfe"] == 4 and reach.loc["diffusion", "nfe"] == 32
-    assert reach.loc["pd", "nfe"] == "none of those evaluated"
-    ups = speedups(results).set_index("student")
-    assert ups.loc["mm@4", "speed-up (measured)"] == 16.0  # the teacher needs 32 NFE (32 s) for mm's FID
-    assert ups.loc["pd@4", "teacher point as good"].startswith("ddim@32")  # cheapest not worse than pd

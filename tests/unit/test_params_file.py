@@ -27,8 +27,12 @@ def expected_readers(key):
         return set()
     if section == "seed":
         return {"prepare"} | TRAINING
+    if key == "data.n_reference":  # the summary's protocol line names the reference size
+        return {"prepare", "report"}
     if section in ("data", "corruption"):
         return {"prepare"}
+    if section == "report":
+        return {"report"}
     if section == "ray":
         return set(TRAINING)
     if section == "features":

@@ -1,0 +1,86 @@
+"""summary.md, the answer a person reads first, and comparisons.md, everything behind it."""
+import pandas as pd
+
+from pipeline.report import targets as target_checks
+from pipeline.report.points import Results
+from pipeline.report.verdicts import answer_table, fewest_nfe, pareto_front, speedups
+
+# Which law a bridge teacher's samplers converge to, by its style (docs/teachers.md).
+BRIDGE_LAW = {
+    "i2sb": ("I2SB-style: its network never sees y, so even an exact such teacher's samplers draw from the "
+             "Markovian projection of the bridge, not from p(x0 | y); its best FID is no ceiling for IBMD, whose "
+             "objective targets the posterior through the teacher."),
+    "ddbm": "DDBM-style: its network sees y, so an exact such teacher's samplers draw from p(x0 | y).",
+}
+
+
+def markdown_table(table, digits=4):
+    def cell(v):
+        return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def with_intervals(table, metrics=("fid", "kid", "psnr", "ssim", "accuracy")):
+    """The table with `m [lo, hi]` cells and ms per sample."""
+    out = table[["model", "method", "teacher", "sampler", "nfe"]].fillna({"teacher": ""})
+    for m in metrics:
+        out[m] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if pd.notna(v) else "" for v, lo, hi in
+                  zip(table[m], table[f"{m}_lo"], table[f"{m}_hi"])]
+    out["ms/sample"] = (1000 * table["sec_per_sample"]).round(2)
+    return out
+
+
+def protocol_lines(results: Results, fid_name, n_reference):
+    p, nfe = results.protocol, sorted(results.models["nfe"].unique())
+    seeds = ", ".join(map(str, p.get("seeds", []))) or "one"
+    return (f"**{fid_name}** of {p['n']} evaluated test inputs' samples against {n_reference} reference images, "
+            f"the mean over sampling seeds {seeds}; 95 % intervals from {p['groups']} jackknife groups of inputs.  \n"
+            f"NFE grid {', '.join(map(str, nfe))}. A point is *not worse* than another when the interval of their "
+            "paired FID difference does not lie above zero (docs/evaluation.md).")
+
+
+def summary_markdown(results: Results, entries, checked, fid_name, n_reference, bridge_style=None):
+    """The protocol, the answer (one row per model), the targets' verdicts, and where the rest is."""
+    parts = [
+        "# How few network evaluations does each model need?\n\n" + protocol_lines(results, fid_name, n_reference),
+        "## The answer\n\nTeachers first (any of their samplers), then the students by the NFE they need. A "
+        "student's speed-up is over the cheapest teacher point not worse than it, a teacher's over its own best "
+        "point; both are measured seconds per sample.\n\n" + markdown_table(answer_table(results, entries)),
+    ]
+    if checked:
+        table = pd.DataFrame(checked, columns=["target (params report.targets)", "verdict", "evidence"])
+        parts.append("## Targets\n\n" + markdown_table(table))
+    floor = results.floor
+    if len(floor):
+        parts.append("## Where zero is\n\nThe oracle is the evaluated inputs' own clean images, the input their "
+                     "corrupted version, each scored like a model.\n\n"
+                     + markdown_table(with_intervals(floor)[["model", "sampler", "fid", "accuracy"]]))
+    if bridge_style and "bridge" in results.teachers:
+        parts.append(f"## Which law the bridge teacher samples\n\nThe bridge teacher is {BRIDGE_LAW[bridge_style]}")
+    parts.append("Every comparison, the fewest NFE per sampler, the speed-ups, the Pareto front and every point: "
+                 "[comparisons.md](comparisons.md) (and comparisons.csv, fid_vs_nfe.csv); the pictures: "
+                 "verdicts.png (paired differences) and fid_vs_nfe.png.")
+    return "\n\n".join(parts) + "\n"
+
+
+def comparisons_markdown(results: Results, verdicts, fid_name):
+    same = sorted({label for _, r in results.models.iterrows() if "{" in (label := results.label(r))})
+    parts = [
+        f"# Every comparison ({fid_name})\n\n`difference` is FID(a) - FID(b) with its 95 % interval (paired: the "
+        "same inputs and seeds); `better` means a's FID is lower beyond the interval. Samplers that reach the same "
+        "sample are compared once, named together in braces"
+        + (f" ({', '.join(same)})." if same else "."),
+        "## Comparisons\n\n" + markdown_table(verdicts),
+        "## Fewest NFE per sampler not worse than the teacher's best point\n\n" + markdown_table(fewest_nfe(results)),
+        "## Students: measured speed-up at equal quality\n\nThe cheapest teacher point not worse than the student, "
+        "and the ratio of measured seconds per sample.\n\n" + markdown_table(speedups(results)),
+        "## Pareto front (NFE, FID)\n\n" + markdown_table(with_intervals(pareto_front(results.models))),
+        "## All points\n\n" + markdown_table(with_intervals(results.table)),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def check_targets(results: Results, targets):
+    return [target_checks.check(results, t) for t in targets]

@@ -16,9 +16,10 @@ Each file is written to a temporary file and renamed onto its path.
 import json
 from pathlib import Path
 
-from pipeline.report.documents import check_targets, comparisons_markdown, summary_markdown
+from pipeline.report.documents import comparisons_markdown, summary_markdown
 from pipeline.report.figures import plot_fid_vs_nfe, plot_rows, plot_verdicts, verdict_rows
 from pipeline.report.points import Results
+from pipeline.report.targets import check
 from pipeline.report.verdicts import answer, comparisons, headline
 from pipeline.runtime.outputs import atomic_path
 
@@ -38,8 +39,8 @@ def write_report(folders, out, fid_name, n_reference, bridge_style=None, targets
         plot_fid_vs_nfe(results, tmp, fid_name)
     with atomic_path(out / "verdicts.png") as tmp:
         plot_verdicts(rows, tmp, fid_name)
-    texts = {"summary.md": summary_markdown(results, entries, check_targets(results, targets), fid_name, n_reference,
-                                            bridge_style),
+    texts = {"summary.md": summary_markdown(results, entries, [check(results, t) for t in targets], fid_name,
+                                            n_reference, bridge_style),
              "comparisons.md": comparisons_markdown(results, verdicts, fid_name),
              "headline.json": json.dumps(headline(entries), indent=2) + "\n"}
     for name, text in texts.items():

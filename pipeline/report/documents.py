@@ -1,7 +1,6 @@
 """summary.md, the answer a person reads first, and comparisons.md, everything behind it."""
 import pandas as pd
 
-from pipeline.report import targets as target_checks
 from pipeline.report.points import Results
 from pipeline.report.verdicts import answer_table, fewest_nfe, pareto_front, speedups
 
@@ -80,7 +79,3 @@ def comparisons_markdown(results: Results, verdicts, fid_name):
         "## All points\n\n" + markdown_table(with_intervals(results.table)),
     ]
     return "\n\n".join(parts) + "\n"
-
-
-def check_targets(results: Results, targets):
-    return [target_checks.check(results, t) for t in targets]

@@ -59,23 +59,24 @@ def verdict_rows(results: Results, verdicts):
     rows = []
     for teacher in results.teachers:
         family, best = results.family(teacher), results.best(results.teacher_rows(teacher))
+        best_label = results.label(best)
         for _, p in family.iterrows():
             canonical = p.copy()
             canonical["sampler"] = results.alias_of.get((p["model"], p["sampler"], p["nfe"]), p["sampler"])
             label = results.label(canonical)
             curve = p["model"] if p["sampler"] == "student" else f"{p['model']} / {p['sampler']}"
-            if label == results.label(best):
+            if label == best_label:
                 rows.append(dict(family=teacher, curve=curve, nfe=p["nfe"], point=label, difference=0.0, lo=0.0,
                                  hi=0.0, verdict="the teacher's best"))
                 continue
             s = stated.loc[label]
-            s = s[s["b"] == results.label(best)].iloc[0] if isinstance(s, pd.DataFrame) else s
+            s = s[s["b"] == best_label].iloc[0] if isinstance(s, pd.DataFrame) else s
             rows.append(dict(family=teacher, curve=curve, nfe=p["nfe"], point=label, difference=s["difference"],
                              lo=s["lo"], hi=s["hi"], verdict=s["verdict"]))
         ends = [family["nfe"].min(), family["nfe"].max()]
         for _, f in results.floor.iterrows():
             label = results.label(f)
-            s = stated[stated["b"] == results.label(best)].loc[label]
+            s = stated[stated["b"] == best_label].loc[label]
             for nfe in ends:
                 rows.append(dict(family=teacher, curve=f"{f['model']} (floor)", nfe=nfe, point=label,
                                  difference=s["difference"], lo=s["lo"], hi=s["hi"], verdict=s["verdict"]))

@@ -9,9 +9,6 @@ speed-up over the cheapest teacher point not worse than the model is at least `b
 from pipeline.report.points import Results
 from pipeline.report.verdicts import cheapest_as_good
 
-CLAIMS = ("not_worse", "better", "faster")
-AGAINST = ("teacher_best", "teacher_same_nfe")  # or another model, at the same NFE
-
 
 def _rows(results, model, nfe):
     rows = results.models

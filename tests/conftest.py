@@ -14,11 +14,26 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# Whether any selected test uses the `project` fixture (its worker then builds the smoke
+# project for the copies; tests/integration/conftest.py), set once the selection is final.
+SMOKE_BUILDER_SELECTED = pytest.StashKey[bool]()
+
+
+# The students the smoke chain trains and evaluates through their DVC stages; the others
+# (mm, pd) run through theirs in the profile chain (tests/integration/test_profile_chain.py),
+# so every method's stage runs in one of the two chains, and every method runs in-process in
+# tests/contract and tests/unit. The smoke chain keeps the bridge's student and the two that
+# its tests break or sweep (tdd, cd).
+SMOKE_METHODS = {"ibmd": "bridge", "tdd": "diffusion", "cd": "diffusion"}
 
 
 def smoke_params():
-    """The real params.yaml shrunk to seconds: 8x8 digits, tiny nets, a few steps."""
+    """The real params.yaml shrunk to seconds: 8x8 digits, tiny nets, a few steps, the students
+    of SMOKE_METHODS."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["distill"]["methods"] = dict(SMOKE_METHODS)
+    params["evaluate"]["models"] = [m for m in params["evaluate"]["models"]
+                                    if m not in params["distill"] or m in SMOKE_METHODS]
     params["data"].update(source={"kind": "digits"}, n_test=100, n_reference=200, shard_size=400)
     params["corruption"] = {"kind": "super_resolution", "factor": 2, "mode": "pool"}
     params["features"]["train"].update(steps=60, log_every=20, checkpoint_every=60)
@@ -89,6 +104,10 @@ def pytest_collection_modifyitems(config, items):
     _skip_gpu_tests_without_cuda(items)
 
 
+def pytest_collection_finish(session):
+    session.config.stash[SMOKE_BUILDER_SELECTED] = any("project" in item.fixturenames for item in session.items)
+
+
 @pytest.hookimpl(optionalhook=True)  # an xdist hook, called on the controller per worker
 def pytest_xdist_node_collection_finished(node, ids):
     """Stop when xdist did not write the groups into the test ids its scheduler reads: the
@@ -102,7 +121,8 @@ def pytest_xdist_node_collection_finished(node, ids):
 def _group_for_xdist(items):
     """Groups for pytest-xdist (`--dist loadgroup`, pyproject.toml): a group runs on one worker,
     so a costly shared fixture is built once. Every test of the smoke project (it needs the
-    session fixture `project`, ~7 min to build) is one group; a test with a module- or
+    session fixture `project`, ~4 min to build) is one group (tests that change or break the
+    project take copies of it on any worker, `project_copy`); a test with a module- or
     class-scoped fixture is grouped with its module; any other test is a group of its own. The
     largest groups start first; each goes to whichever worker is free."""
     for item in items:
@@ -118,12 +138,16 @@ def _group_for_xdist(items):
 
 def _longest_first(items):
     """xdist hands out groups in collection order (`--no-loadscope-reorder`): the smoke
-    project's group first, then the other integration tests (each builds or runs a chain),
-    then the unit and contract tests, which fill in at the end on whichever worker is free."""
+    project's group first (it builds the project), then the other integration tests (each
+    builds or runs a chain), then the tests on copies of the smoke project (they wait for its
+    build, so they come once the other worker has had other work), then the unit and contract
+    tests, which fill in at the end on whichever worker is free."""
     def rank(item):
         if any(m.args == ("smoke-project",) for m in item.iter_markers("xdist_group")):
             return 0
-        return 1 if item.nodeid.startswith("tests/integration/") else 2
+        if "smoke_build" in item.fixturenames:
+            return 2
+        return 1 if item.nodeid.startswith("tests/integration/") else 3
     items.sort(key=rank)  # stable: the order within a rank is the collection's
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, smoke_params
+from tests.conftest import ROOT, SMOKE_BUILDER_SELECTED, smoke_params
 from tests.mlflow_server import MlflowServer
 
 COPIED = ["pipeline", "stages", "scripts", "sweeps", "notebooks", "pretrained", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
@@ -52,19 +52,119 @@ def mlflow_server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory, ray_address, mlflow_server):
-    root = tmp_path_factory.mktemp("project")
+def project_env(ray_address, tracking_uri, group):
+    """The environment a stage of a test project runs in: the session's Ray cluster, an MLflow
+    store, a run group, git's identity and this interpreter's scripts (dvc) on PATH."""
+    return {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": tracking_uri,
+            "PIPELINE_RUN_GROUP": group, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+
+
+def build_smoke_project(root, env):
+    """The smoke profile's whole chain in `root`: code, params, git, `dvc repro`, and dvc.lock
+    committed (the baseline of `dvc exp`)."""
     copy_code(root)
     (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "smoke",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
-    env["PIPELINE_IMPORTS_LOG"] = str(tmp_path_factory.mktemp("imports") / "imports.jsonl")  # what each stage loaded
     sh("git init -q && git add -A && git commit -qm smoke", root, env)
     tick = time.perf_counter()
     sh("dvc repro", root, env)
     print(f"smoke dvc repro: {time.perf_counter() - tick:.1f} s")
-    sh("git add dvc.lock && git commit -qm 'smoke: dvc.lock'", root, env)  # the baseline of `dvc exp`
-    return root, env
+    sh("git add dvc.lock && git commit -qm 'smoke: dvc.lock'", root, env)
+
+
+class SharedBuild:
+    """The smoke project, built once per pytest run and shared by the pytest-xdist workers.
+
+    The worker that runs the smoke project's own tests (the group of the `project` fixture,
+    tests/conftest.py) builds it in a folder every worker sees (the parent of the workers'
+    temporary folders), copies it once, untouched, to `pristine`, then writes `done`. Tests
+    that change or break a project (`project_copy`) take a copy of `pristine` on whichever
+    worker runs them, so they no longer wait in line behind the builder's group. The build is
+    claimed with an atomic hard link, so two workers never build it; a failed build writes
+    `failed` with its error, which every waiting test reports."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.root, self.pristine = self.folder / "project", self.folder / "pristine"
+
+    def claim(self):
+        """True for the first caller of this pytest run, False for every later one."""
+        mine = self.folder / f"claim-{os.getpid()}"
+        mine.write_text(os.environ.get("PYTEST_XDIST_WORKER", "main"))
+        try:
+            os.link(mine, self.folder / "claim")
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            mine.unlink()
+
+    def build(self, env):
+        try:
+            build_smoke_project(self.root, env)
+            copy_project(self.root, self.pristine)
+        except BaseException as error:
+            (self.folder / "failed").write_text(f"{type(error).__name__}: {error}"[-5000:])
+            raise
+        (self.folder / "done").touch()
+
+    def wait(self, timeout_s=2000):
+        """The pristine copy, once the builder has made it; fails with the builder's error."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (self.folder / "failed").exists():
+                pytest.fail(f"the smoke project's build failed on another worker:\n"
+                            f"{(self.folder / 'failed').read_text()}")
+            if (self.folder / "done").exists():
+                return self.pristine
+            time.sleep(2)
+        pytest.fail(f"the smoke project was not built within {timeout_s} s ({self.folder})")
+
+
+@pytest.fixture(scope="session")
+def shared_build(tmp_path_factory, worker_id):
+    base = tmp_path_factory.getbasetemp()
+    return SharedBuild((base.parent if worker_id != "master" else base) / "smoke-build")
+
+
+@pytest.fixture(scope="session")
+def project(shared_build, ray_address, mlflow_server, tmp_path_factory):
+    """The smoke project, built by this worker (see SharedBuild), tracked by the session's
+    MLflow server; its tests may read it and change it in ways they undo."""
+    if not shared_build.claim():
+        pytest.fail("another pytest-xdist worker claimed the smoke project's build: the tests of the "
+                    "`project` fixture must be one xdist group (tests/conftest.py)")
+    env = project_env(ray_address, mlflow_server.uri, "smoke")
+    env["PIPELINE_IMPORTS_LOG"] = str(tmp_path_factory.mktemp("imports") / "imports.jsonl")  # what each stage loaded
+    shared_build.build(env)
+    return shared_build.root, env
+
+
+@pytest.fixture(scope="session")
+def smoke_build(request, shared_build, worker_id):
+    """The pristine smoke project, as soon as it is built. When tests of `project` are
+    selected, their worker builds it and this waits; without xdist it is built right here
+    (through `project`); when none is selected, the first worker to need it builds it."""
+    builder_selected = request.config.stash.get(SMOKE_BUILDER_SELECTED, False)
+    if worker_id == "master" or not builder_selected:
+        if builder_selected or shared_build.claim():
+            if builder_selected:
+                request.getfixturevalue("project")
+            else:
+                ray_address = request.getfixturevalue("ray_address")
+                server = request.getfixturevalue("mlflow_server")
+                shared_build.build(project_env(ray_address, server.uri, "smoke"))
+            return shared_build.pristine
+    return shared_build.wait()
+
+
+@pytest.fixture
+def project_copy(smoke_build, idle_cluster, tmp_path, request):
+    """A copy of the pristine smoke project that the test may change or break, on this worker's
+    Ray cluster (once idle) and tracked in its own SQLite store (the test's runs never become a
+    group of the smoke chain's server); its run group is named after the test."""
+    root = copy_project(smoke_build, tmp_path / "project")
+    group = "copy-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+    return root, project_env(idle_cluster, f"sqlite:///{root / 'mlflow.db'}", group)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.integration.conftest import copy_project, sh
+from tests.integration.conftest import sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -44,13 +44,10 @@ CASES = {  # stage, signal, what must exist before the signal is sent
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_an_interrupted_repro_completes_next_time(case, project, tmp_path):
+def test_an_interrupted_repro_completes_next_time(case, project_copy):
     stage, sig, ready = CASES[case]
-    source, env = project
-    root = copy_project(source, tmp_path / "project")
-    group = f"interrupt-{case.split()[0]}-{stage}"
-    # Its own store: these runs must not become the newest group of the smoke chain's server.
-    env = {**env, "PIPELINE_RUN_GROUP": group, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    root, env = project_copy  # its own SQLite store: these runs never reach the smoke chain's server
+    group = env["PIPELINE_RUN_GROUP"]
     before, lock_before = lock_md5(root, stage), (root / "dvc.lock").read_bytes()
 
     # A changed stage, as after an edit: DVC has no cached output for it, so the interrupted

@@ -37,8 +37,8 @@ def test_training_survives_a_lost_node(tmp_path):
           f"(checkpoint_every {got['checkpoint_every']}) | {got['seconds']:.0f} s in all | outputs lost 0")
 
 
-def test_evaluation_survives_a_lost_node(project, tmp_path):
-    root, _ = project
+def test_evaluation_survives_a_lost_node(smoke_build, tmp_path):
+    root = smoke_build  # read only: the pristine smoke project's CD student, data and features
     got = drive("evaluate", tmp_path, root)
     assert got["removed"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "sec_per_sample"} for r in rows]  # noqa: E731

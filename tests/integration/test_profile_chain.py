@@ -1,7 +1,8 @@
 """The CIFAR-10 class-conditional profile (profiles/cifar10-class.yaml) through the whole chain
 on the CPU, shrunk: the profile's settings (class labels, attention at 16x16, Inception FID,
-streamed shards, bf16 autocast, its methods and evaluation) with tiny nets, a few steps and
-synthetic 32x32 RGB images of ten classes in a folder."""
+streamed shards, bf16 autocast, its evaluation, and the students that the smoke chain does not
+run through their stages, mm and pd) with tiny nets, a few steps and synthetic 32x32 RGB
+images of ten classes in a folder."""
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ from tests.integration.conftest import copy_code, sh
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
 
 CLASSES, PER_CLASS, SIZE = 10, 36, 32
+PROFILE_METHODS = ("mm", "pd")
 
 
 def write_synthetic_classes(root, seed=0):
@@ -49,12 +51,16 @@ def shrunk(profile):
     assert teacher["net"]["attention"] == [16]  # the 16x16 level of the shrunk net: attention is kept
     teacher["train"].update(steps=30, batch_size=32, warmup_steps=5, log_every=10, checkpoint_every=30)
     params["teacher"]["bridge"]["net"].update(patch=2)
+    # The students the smoke chain does not run through their stages (tests/conftest.py,
+    # SMOKE_METHODS); every method's class-conditional student: tests/unit/test_class_conditional.py.
+    params["distill"]["methods"] = {m: t for m, t in params["distill"]["methods"].items() if m in PROFILE_METHODS}
+    params["evaluate"]["models"] = [m for m in params["evaluate"]["models"]
+                                    if m not in params["distill"] or m in PROFILE_METHODS]
     for method in params["distill"]["methods"]:
         params["distill"][method]["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4)
     params["distill"]["pd"].update(start_steps=16, rounds=2)
     # The Inception extractor costs ~0.5 s of CPU per image here: few points, few samples.
-    for method, nfe in (("mm", [4]), ("tdd", [4]), ("cd", [1])):
-        params["distill"][method]["nfe"] = nfe
+    params["distill"]["mm"]["nfe"] = [4]
     params["evaluate"].update(nfe=[1, 2], n_samples=12, batch_size=12, seeds=[1, 2], groups=4, grid_samples=4)
     params["evaluate"]["samplers"]["diffusion"] = ["ddim", "heun"]
     params["evaluate"]["device"] = "cpu"

@@ -64,16 +64,39 @@ def ray_address():
     ray.shutdown()
 
 
+def release_placement_groups_of_ended_jobs():
+    """Remove the placement groups that jobs (stage processes) which have ended left on the
+    session's cluster. Ray Train keeps a run's placement group for a detached cleaner actor to
+    remove once the run's controller is gone; that cleaner asks Ray's state API whether the
+    controller lives, and with two test clusters on one host (two pytest-xdist workers) the
+    query fails ("Found multiple active Ray instances") and the cleaner stops watching, so a
+    run whose controller did not remove its group itself leaves it behind, holding CPUs for
+    good (seen in CI: a 1-CPU group of a training stage that ended with its tracking server
+    down). The cluster is this process's own: nothing else's groups are removed. Returns how
+    many were removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    ended = {job["JobID"] for job in ray._private.state.jobs() if job["IsDead"]}
+    leaked = [pg_id for pg_id, pg in ray.util.placement_group_table().items()
+              if pg["state"] != "REMOVED" and pg_id[-8:] in ended]  # a group's id ends with its job's
+    for pg_id in leaked:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    return len(leaked)
+
+
 @pytest.fixture
 def idle_cluster(ray_address):
     """The session's cluster once every CPU is free again. Stage processes of earlier tests
     joined it, and their workers and placement groups go away shortly after those processes
-    end; a Ray Train job started before then would wait for CPUs. Waits at most 120 s, then
+    end; a Ray Train job started before then would wait for CPUs. Groups that ended jobs left
+    for good are removed (release_placement_groups_of_ended_jobs). Waits at most 120 s, then
     fails naming the placement groups that still hold resources."""
     import ray
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        release_placement_groups_of_ended_jobs()
         if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
             return ray_address
         time.sleep(0.5)

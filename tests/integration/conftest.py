@@ -2,6 +2,7 @@
 profile in a temporary copy of the project (a git repo with dvc.lock committed, so
 `dvc exp` has a baseline), on the session's Ray cluster through RAY_ADDRESS, tracked by a
 real `mlflow server` (SQLite backend, 127.0.0.1) through MLFLOW_TRACKING_URI."""
+import json
 import os
 import shutil
 import subprocess
@@ -50,6 +51,26 @@ def copy_code(root):
 def mlflow_server(tmp_path_factory):
     with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
+
+
+def loaded_modules_outside_deps(root, imports_log):
+    """Fails naming each stage of the project at `root` that loaded a library module (as
+    PIPELINE_IMPORTS_LOG recorded it) lying under none of its dvc.yaml deps, or that never
+    ran; returns the log's entries."""
+    from dvc.repo import Repo
+
+    from tests.unit.test_dvc_yaml import PLUMBING
+    deps = {s.name: [d.def_path for d in s.deps] for s in Repo(str(root)).index.stages}  # name: no path prefix
+    logged = [json.loads(line) for line in Path(imports_log).read_text().splitlines()]
+    assert {entry["stage"] for entry in logged} == set(deps)  # every stage ran and logged
+    missing = {}
+    for entry in logged:
+        uncovered = [m for m in entry["modules"] if not m.startswith(PLUMBING)
+                     and not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps[entry["stage"]])]
+        if uncovered:
+            missing[entry["stage"]] = uncovered
+    assert not missing, f"stages loaded library modules their dvc.yaml entry does not list: {missing}"
+    return logged
 
 
 def project_env(ray_address, tracking_uri, group):

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import release_placement_groups_of_ended_jobs
 from tests.integration.conftest import copy_project, sh
 from tests.mlflow_server import MlflowServer
 
@@ -101,6 +102,7 @@ def queued(sweep, tmp_path_factory):
     the smoke chain's). Both experiments reach the same stages, so one pair of runs serves
     the reproduction check and the side-by-side one."""
     source, env, _ = sweep
+    release_placement_groups_of_ended_jobs()  # both experiments' training stages need a CPU at once
     tmp = tmp_path_factory.mktemp("queued")
     root = copy_project(source, tmp / "project")
     command = json.loads((root / "results" / "sweeps" / SWEEP / "best.json").read_text())["command"]

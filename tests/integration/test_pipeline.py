@@ -16,7 +16,7 @@ from pipeline.data.shards import sha256
 from pipeline.evaluation.results import COLUMNS
 
 from tests.conftest import smoke_params
-from tests.integration.conftest import sh
+from tests.integration.conftest import loaded_modules_outside_deps, sh
 
 pytestmark = pytest.mark.slow
 
@@ -117,21 +117,10 @@ def test_mlflow_has_tagged_runs_and_fid_curves(project):
 def test_every_module_a_stage_loaded_is_one_of_its_deps(project):
     """The dynamic half of tests/unit/test_dvc_yaml.py: every library module a stage process of
     the smoke chain really loaded (lazy imports included) lies under one of its dvc.yaml deps,
-    so no edit of a module can leave that stage's output stale."""
-    from dvc.repo import Repo
-
-    from tests.unit.test_dvc_yaml import PLUMBING
+    so no edit of a module can leave that stage's output stale (the profile chain checks its
+    own stages, MM's and PD's among them, the same way)."""
     root, env = project
-    deps = {s.name: [d.def_path for d in s.deps] for s in Repo(str(root)).index.stages}  # name: no path prefix
-    logged = [json.loads(line) for line in Path(env["PIPELINE_IMPORTS_LOG"]).read_text().splitlines()]
-    assert {entry["stage"] for entry in logged} == set(deps)  # every stage ran and logged
-    missing = {}
-    for entry in logged:
-        uncovered = [m for m in entry["modules"] if not m.startswith(PLUMBING)
-                     and not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps[entry["stage"]])]
-        if uncovered:
-            missing[entry["stage"]] = uncovered
-    assert not missing, f"stages loaded library modules their dvc.yaml entry does not list: {missing}"
+    logged = loaded_modules_outside_deps(root, env["PIPELINE_IMPORTS_LOG"])
     assert any("pipeline/models/teachers.py" in e["modules"] for e in logged if e["stage"] == "teacher@bridge")
 
 

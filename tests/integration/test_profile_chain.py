@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.integration.conftest import copy_code, sh
+from tests.integration.conftest import copy_code, loaded_modules_outside_deps, sh
 
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
 
@@ -78,7 +78,8 @@ def chain(tmp_path_factory, ray_address):
     env.update({"RAY_ADDRESS": ray_address, "PIPELINE_RUN_GROUP": "profile-chain",
                 "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t"})
+                "GIT_COMMITTER_EMAIL": "t@t",
+                "PIPELINE_IMPORTS_LOG": str(tmp_path_factory.mktemp("profile-imports") / "imports.jsonl")})
     sh("git init -q && git add -A && git commit -qm profile", root, env)
     tick = time.perf_counter()
     sh("dvc repro", root, env)
@@ -91,6 +92,14 @@ def test_the_chain_completes_and_is_up_to_date(chain):
     assert "up to date" in sh("dvc status", root, env).stdout
     summary = (root / "results" / "summary.md").read_text()
     assert "Inception FID" in summary
+
+
+def test_every_module_a_stage_loaded_is_one_of_its_deps(chain):
+    """As tests/integration/test_pipeline.py checks the smoke chain's stages: here the
+    class-conditional path, Inception FID and the students of mm and pd."""
+    root, env, _ = chain
+    logged = loaded_modules_outside_deps(root, env["PIPELINE_IMPORTS_LOG"])
+    assert any("pipeline/distill/pd.py" in e["modules"] for e in logged if e["stage"] == "distill@pd")
 
 
 def test_the_models_take_the_label_and_attend_at_16x16(chain):

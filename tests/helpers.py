@@ -275,3 +275,29 @@ class Throwaway(Method):
 
 
 THROWAWAY = Registration("diffusion", ThrowawayParams, "tests.helpers:Throwaway")
+
+
+def perturb(student, seed=1, scale=0.3):
+    """Random weights in a toy teacher's correction layer (`student.denoiser.net.last`): a
+    student that is not the teacher."""
+    g = torch.Generator().manual_seed(seed)
+    last = student.denoiser.net.last
+    with torch.no_grad():
+        last.weight.copy_(scale * torch.randn(last.weight.shape, generator=g))
+    return student
+
+
+def registered_for_module(name, entry):
+    """An autouse, module-scoped fixture that registers `entry` (a `distill.Registration`) as
+    method `name` while the module's tests run: a method implemented ahead of its registry
+    line. Assign it to a module-level name: `registered = registered_for_module(...)`."""
+    import pytest
+
+    from pipeline.distill import METHODS
+
+    @pytest.fixture(scope="module", autouse=True)
+    def registered():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(METHODS, name, entry)
+            yield
+    return registered

@@ -24,7 +24,7 @@ from tests.helpers import COND_MU as MU
 from tests.helpers import COND_S as S
 from tests.helpers import COND_SCHEDULE as SCHEDULE
 from tests.helpers import COND_SHAPE as SHAPE
-from tests.helpers import col, unconditional_data
+from tests.helpers import col, perturb, unconditional_data
 from tests.helpers import conditional_data as toy_data
 from tests.helpers import conditional_teacher as toy_teacher
 
@@ -37,15 +37,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def perturb(net, seed=1, scale=0.3):
-    """Random weights in the correction's last layer: a student that is not the teacher."""
-    g = torch.Generator().manual_seed(seed)
-    last = net.denoiser.net.last
-    with torch.no_grad():
-        last.weight.copy_(scale * torch.randn(last.weight.shape, generator=g))
-    return net
 
 
 def noise(n, seed=0):

@@ -27,13 +27,18 @@ SMOKE_BUILDER_SELECTED = pytest.StashKey[bool]()
 SMOKE_METHODS = {"ibmd": "bridge", "tdd": "diffusion", "cd": "diffusion"}
 
 
+def keep_students(params, methods):
+    """`params` training and evaluating only the students of `methods` (the others' blocks stay)."""
+    params["distill"]["methods"] = {m: t for m, t in params["distill"]["methods"].items() if m in methods}
+    params["evaluate"]["models"] = [m for m in params["evaluate"]["models"]
+                                    if m not in params["distill"] or m in methods]
+    return params
+
+
 def smoke_params():
     """The real params.yaml shrunk to seconds: 8x8 digits, tiny nets, a few steps, the students
     of SMOKE_METHODS."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["distill"]["methods"] = dict(SMOKE_METHODS)
-    params["evaluate"]["models"] = [m for m in params["evaluate"]["models"]
-                                    if m not in params["distill"] or m in SMOKE_METHODS]
+    params = keep_students(yaml.safe_load((ROOT / "params.yaml").read_text()), SMOKE_METHODS)
     params["data"].update(source={"kind": "digits"}, n_test=100, n_reference=200, shard_size=400)
     params["corruption"] = {"kind": "super_resolution", "factor": 2, "mode": "pool"}
     params["features"]["train"].update(steps=60, log_every=20, checkpoint_every=60)

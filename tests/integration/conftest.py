@@ -169,15 +169,13 @@ def smoke_build(request, shared_build, worker_id):
     selected, their worker builds it and this waits; without xdist it is built right here
     (through `project`); when none is selected, the first worker to need it builds it."""
     builder_selected = request.config.stash.get(SMOKE_BUILDER_SELECTED, False)
-    if worker_id == "master" or not builder_selected:
-        if builder_selected or shared_build.claim():
-            if builder_selected:
-                request.getfixturevalue("project")
-            else:
-                ray_address = request.getfixturevalue("ray_address")
-                server = request.getfixturevalue("mlflow_server")
-                shared_build.build(project_env(ray_address, server.uri, "smoke"))
-            return shared_build.pristine
+    if builder_selected and worker_id == "master":
+        request.getfixturevalue("project")
+        return shared_build.pristine
+    if not builder_selected and shared_build.claim():
+        server = request.getfixturevalue("mlflow_server")
+        shared_build.build(project_env(request.getfixturevalue("ray_address"), server.uri, "smoke"))
+        return shared_build.pristine
     return shared_build.wait()
 
 

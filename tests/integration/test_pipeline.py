@@ -4,7 +4,6 @@ input rejected without touching what earlier stages produced."""
 import json
 import shutil
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest

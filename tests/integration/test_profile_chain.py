@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, keep_students
 from tests.integration.conftest import copy_code, loaded_modules_outside_deps, sh
 
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
@@ -53,9 +53,7 @@ def shrunk(profile):
     params["teacher"]["bridge"]["net"].update(patch=2)
     # The students the smoke chain does not run through their stages (tests/conftest.py,
     # SMOKE_METHODS); every method's class-conditional student: tests/unit/test_class_conditional.py.
-    params["distill"]["methods"] = {m: t for m, t in params["distill"]["methods"].items() if m in PROFILE_METHODS}
-    params["evaluate"]["models"] = [m for m in params["evaluate"]["models"]
-                                    if m not in params["distill"] or m in PROFILE_METHODS]
+    keep_students(params, PROFILE_METHODS)
     for method in params["distill"]["methods"]:
         params["distill"][method]["train"].update(steps=4, batch_size=16, log_every=2, checkpoint_every=4)
     params["distill"]["pd"].update(start_steps=16, rounds=2)

@@ -78,10 +78,21 @@ def git_commit(cwd):
 
 
 def _experiment_id(client, name, artifact_root):
+    """The experiment's id, created on first use. Two stages that start at once on a new
+    server (two `dvc exp` queue workers) may both find it missing; the one whose create
+    loses the race reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    except MlflowException as err:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _group_parent(client, exp_id, group):

@@ -51,6 +51,32 @@ def test_stage_runs_nest_under_their_group_and_log_steps(tmp_path):
     assert heun.info.status == "FINISHED"
 
 
+def test_a_stage_that_loses_the_race_to_create_the_experiment_joins_it(tmp_path, monkeypatch):
+    """Two stages starting at once on a new server (two `dvc exp` queue workers) both find the
+    experiment missing; the second create fails, and that stage must use the first's."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    other = MlflowClient(uri)
+    lookup = MlflowClient.get_experiment_by_name
+    seen = []
+
+    def missing_once(self, name):  # the other stage creates it just after this one looked
+        if not seen:
+            seen.append(name)
+            other.create_experiment(name, artifact_location=(tmp_path / "a").as_uri())
+            return None
+        return lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", missing_once)
+    with StageRun(uri, "exp", "distill@cd", {"group": "g1", "stage": "distill"}, {},
+                  artifact_root=(tmp_path / "a").as_uri()) as run:
+        run_id = run.run_id
+    monkeypatch.undo()
+    exps = [e for e in other.search_experiments() if e.name == "exp"]
+    assert seen == ["exp"] and len(exps) == 1
+    assert {r.info.run_name for r in other.search_runs([exps[0].experiment_id])} == {"pipeline g1", "distill@cd"}
+    assert other.get_run(run_id).info.experiment_id == exps[0].experiment_id
+
+
 def test_params_hash_is_order_independent():
     assert params_hash({"a": 1, "b": {"c": 2}}) == params_hash({"b": {"c": 2}, "a": 1})
     assert params_hash({"a": 1}) != params_hash({"a": 2})

@@ -20,11 +20,12 @@ SMOKE_BUILDER_SELECTED = pytest.StashKey[bool]()
 
 
 # The students the smoke chain trains and evaluates through their DVC stages; the others
-# (mm, pd) run through theirs in the profile chain (tests/integration/test_profile_chain.py),
-# so every method's stage runs in one of the two chains, and every method runs in-process in
-# tests/contract and tests/unit. The smoke chain keeps the bridge's student and the two that
-# its tests break or sweep (tdd, cd).
-SMOKE_METHODS = {"ibmd": "bridge", "tdd": "diffusion", "cd": "diffusion"}
+# (mm, pd, dmd2, scm) run through theirs in the profile chain
+# (tests/integration/test_profile_chain.py), so every method's stage runs in one of the two
+# chains, and every method runs in-process in tests/contract and tests/unit. The smoke chain
+# keeps the bridge's students (ibmd; cdbm needs its DDBM-style bridge, which the profile's
+# class-conditional task has no use for) and the two that its tests break or sweep (tdd, cd).
+SMOKE_METHODS = {"ibmd": "bridge", "cdbm": "bridge", "tdd": "diffusion", "cd": "diffusion"}
 
 
 def keep_students(params, methods):

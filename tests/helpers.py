@@ -285,19 +285,3 @@ def perturb(student, seed=1, scale=0.3):
     with torch.no_grad():
         last.weight.copy_(scale * torch.randn(last.weight.shape, generator=g))
     return student
-
-
-def registered_for_module(name, entry):
-    """An autouse, module-scoped fixture that registers `entry` (a `distill.Registration`) as
-    method `name` while the module's tests run: a method implemented ahead of its registry
-    line. Assign it to a module-level name: `registered = registered_for_module(...)`."""
-    import pytest
-
-    from pipeline.distill import METHODS
-
-    @pytest.fixture(scope="module", autouse=True)
-    def registered():
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setitem(METHODS, name, entry)
-            yield
-    return registered

@@ -74,6 +74,12 @@ class PipelineBase(Params):
         if not self.corruption.conditional and "bridge" in methods.values():
             raise ValueError("corruption.kind='none' gives the bridge nothing to start from: "
                              "remove the bridge's students from distill.methods or choose a corruption")
+        style = self.teacher.bridge.style
+        for m in methods:
+            if style not in distill.METHODS[m].bridge_styles:
+                raise ValueError(f"distill.methods: {m} distils a bridge of style {distill.METHODS[m].bridge_styles}, "
+                                 f"but teacher.bridge.style is {style!r}: change the style or remove {m} from "
+                                 f"distill.methods and evaluate.models (docs/methods/{m}.md)")
         models = (*TEACHER_NAMES, *distill.METHODS)  # a target on a model this run skips reads "not evaluated"
         for i, target in enumerate(self.report.targets):
             if target.model not in models:
@@ -105,8 +111,9 @@ class PipelineBase(Params):
 
 @lru_cache(maxsize=8)
 def _schema(registered):
-    names = [name for name, _ in registered]
-    blocks = {name: (entry.params, entry.params()) for name, entry in registered}
+    style = TeachersParams().bridge.style  # the default run: every method that can distil the default teachers
+    names = [name for name, entry in registered if style in entry.bridge_styles]
+    blocks = {name: (entry.params, entry.params()) for name, entry in registered}  # a block for every method
     section = create_model("DistillParams", __base__=DistillSection, **blocks,
                            methods=(dict[str, str], {n: distill.METHODS[n].teacher for n in names}))
     evaluate = EvaluateParams(models=[*TEACHER_NAMES, *names])

@@ -421,12 +421,16 @@ class Target(Params):
     claim: Literal["not_worse", "better", "faster"]
     # not_worse / better: "teacher_best", "teacher_same_nfe" or another evaluated model at the same NFE
     than: str = "teacher_best"
+    # than another model: the NFE of its point, when not the same (e.g. IBMD@1 against CDBM@2)
+    than_nfe: Optional[int] = Field(None, ge=1, le=10_000)
     by: Optional[float] = Field(None, gt=0.0)  # faster: the least measured speed-up
 
     @model_validator(mode="after")
     def _by(self):
         if (self.claim == "faster") != (self.by is not None):
             raise ValueError("`by` (the least speed-up) goes with claim 'faster', and only with it")
+        if self.than_nfe is not None and (self.claim == "faster" or self.than in ("teacher_best", "teacher_same_nfe")):
+            raise ValueError("`than_nfe` names the NFE of another model's point: it goes with `than: <model>` only")
         return self
 
 

@@ -14,6 +14,7 @@ Every field's meaning, default and the reason for it: docs/methods/<name>.md.
 """
 from dataclasses import dataclass
 from importlib import import_module
+import math
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
@@ -132,6 +133,61 @@ class PDParams(Params):
         return self
 
 
+class DMD2Params(Params):
+    """Improved Distribution Matching Distillation (Yin et al. 2024) of the diffusion teacher."""
+    nfe: NfeList = [1, 2, 4]  # generator step counts, trained together by backward simulation
+    fake_updates: int = Field(5, ge=1, le=100)  # (D_fake, C) updates per generator update (TTUR)
+    gan_weight: float = Field(3e-3, ge=0.0)  # the generator's GAN term; 0 = no realism head
+    cls_weight: float = Field(1e-2, ge=0.0)  # the head's classification loss in D_fake's objective
+    karras_steps: int = Field(1000, ge=10, le=100_000)  # points of the Karras grid levels come from
+    dm_range: tuple[float, float] = (0.02, 0.98)  # quantiles of that grid's indices (DMD's 2 %-98 %)
+    fake_term: bool = True  # ablation: False replaces D_fake by x0 itself (the generator collapses)
+    train: TrainParams = _student_train()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.nfe[0] < 1:
+            raise ValueError(f"nfe {self.nfe}: a generator step costs one call, so nfe >= 1")
+        lo, hi = self.dm_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"dm_range {self.dm_range} must satisfy 0 <= low < high <= 1")
+        if (self.gan_weight > 0) != (self.cls_weight > 0):
+            raise ValueError("gan_weight and cls_weight are on (> 0) or off together: a head that never "
+                             "trains gives the generator noise, one the generator never uses is wasted")
+        return self
+
+class SCMParams(Params):
+    """sCM, continuous-time consistency distillation (Lu & Song 2025) of the diffusion teacher."""
+    nfe: NfeList = [1, 2]  # 1 or 2 steps (the paper's samplers); nothing else
+    mid_t: float = Field(1.1, gt=0.0, lt=math.pi / 2)  # TrigFlow time of the 2-step re-noising
+    p_mean: float = Field(-1.0, ge=-10.0, le=10.0)  # ln sigma ~ N(p_mean, p_std^2) in training
+    p_std: float = Field(1.4, gt=0.0, le=10.0)
+    tangent_warmup: int = Field(100, ge=0, le=10_000_000)  # H steps: r ramps 0 -> 1; 0 = no warm-up
+    tangent_c: float = Field(0.1, gt=0.0)  # c of g / (rms(g) + c)
+    train: TrainParams = _student_train()
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if not set(self.nfe) <= {1, 2}:
+            raise ValueError(f"sCM samples with 1 or 2 steps, not nfe {self.nfe}")
+        return self
+
+class CDBMParams(Params):
+    """Consistency bridge distillation (He et al. 2024) of the DDBM-style bridge teacher."""
+    nfe: NfeList = [2, 3]  # calls per sample, the booting call at T included: 2 or 3
+    grid_steps: int = Field(40, ge=3, le=2000)  # N of bridge_times(N, power 3); N - 1 grid times
+    ema_mu: float = Field(0.95, ge=0.0, lt=1.0)  # target network EMA; 0 = the online student
+    anchor_weight: float = Field(1.0, ge=0.0)  # keeps the student's call at T the teacher's
+    mid_t: float = Field(0.5, gt=0.0, lt=1.0)  # nfe 3: the time the sample is re-noised to
+    train: TrainParams = _student_train()
+
+    @model_validator(mode="after")
+    def _nfe(self):
+        if not set(self.nfe) <= {2, 3}:
+            raise ValueError(f"nfe {self.nfe}: a CDBM sample costs 2 (boot at T + one f) or 3 NFE")
+        return self
+
+
 # --- the registry ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -140,6 +196,8 @@ class Registration:
     teacher: str  # "diffusion" or "bridge" (pipeline.models.teachers.TEACHERS)
     params: type[Params]
     implementation: str  # "module:Class" of its base.Method subclass, imported on demand
+    # the bridge teacher styles (teacher.bridge.style) whose sampler the method can distil
+    bridge_styles: tuple[str, ...] = ("i2sb", "ddbm")
 
     def load(self):
         """The implementation class (imports torch)."""
@@ -153,6 +211,10 @@ METHODS: dict[str, Registration] = {
     "tdd": Registration("diffusion", TDDParams, "pipeline.distill.tdd:TargetDrivenDistillation"),
     "pd": Registration("diffusion", PDParams, "pipeline.distill.pd:ProgressiveDistillation"),
     "cd": Registration("diffusion", ConsistencyParams, "pipeline.distill.cd:ConsistencyDistillation"),
+    "dmd2": Registration("diffusion", DMD2Params, "pipeline.distill.dmd2:DMD2"),
+    "scm": Registration("diffusion", SCMParams, "pipeline.distill.scm:ContinuousConsistency"),
+    "cdbm": Registration("bridge", CDBMParams, "pipeline.distill.cdbm:ConsistencyBridgeDistillation",
+                         bridge_styles=("ddbm",)),  # the posterior's PF-ODE (docs/methods/cdbm.md)
 }
 
 

@@ -42,33 +42,11 @@ Decisions on details the paper leaves open (docs/methods/cdbm.md gives the reaso
   Markovian projection, which does not transport to p(x0 | y) (docs/teachers.md).
 """
 import torch
-from pydantic import Field, model_validator
 
-from pipeline.config.settings import NfeList, Params, TrainParams
-from pipeline.distill import _student_train
 from pipeline.distill.base import Method, col, frozen_copy, trainable_copy
 from pipeline.distill.consistency import distance, draw_pairs, full
 from pipeline.samplers.bridge import ODE_TIME_POWER, bridge_times
 from pipeline.training.loop import update_ema
-
-
-# Defined here for now: it moves to pipeline/distill/__init__.py, with its METHODS line
-# (Registration("bridge", CDBMParams, "pipeline.distill.cdbm:ConsistencyBridgeDistillation")),
-# in a later change.
-class CDBMParams(Params):
-    """Consistency bridge distillation (He et al. 2024) of the DDBM-style bridge teacher."""
-    nfe: NfeList = [2, 3]  # calls per sample, the booting call at T included: 2 or 3
-    grid_steps: int = Field(40, ge=3, le=2000)  # N of bridge_times(N, power 3); N - 1 grid times
-    ema_mu: float = Field(0.95, ge=0.0, lt=1.0)  # target network EMA; 0 = the online student
-    anchor_weight: float = Field(1.0, ge=0.0)  # keeps the student's call at T the teacher's
-    mid_t: float = Field(0.5, gt=0.0, lt=1.0)  # nfe 3: the time the sample is re-noised to
-    train: TrainParams = _student_train()
-
-    @model_validator(mode="after")
-    def _nfe(self):
-        if not set(self.nfe) <= {2, 3}:
-            raise ValueError(f"nfe {self.nfe}: a CDBM sample costs 2 (boot at T + one f) or 3 NFE")
-        return self
 
 
 class ConsistencyBridgeDistillation(Method):

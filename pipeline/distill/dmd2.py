@@ -45,42 +45,13 @@ Decisions on details the paper leaves open (docs/methods/dmd2.md gives the reaso
 import math
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config.settings import NfeList, Params, TrainParams
-from pipeline.distill import _student_train
 from pipeline.distill.base import Method, batch_noise, col, frozen_copy, trainable_copy, unwrap
 from pipeline.distill.consistency import karras_grid
 from pipeline.models.schedules import edm_loss_weight, step_sigmas
 from pipeline.training.loop import optimizer_step
-
-
-# Defined here for now: it moves to pipeline/distill/__init__.py, with its METHODS line
-# (Registration("diffusion", DMD2Params, "pipeline.distill.dmd2:DMD2")), in a later change.
-class DMD2Params(Params):
-    """Improved Distribution Matching Distillation (Yin et al. 2024) of the diffusion teacher."""
-    nfe: NfeList = [1, 2, 4]  # generator step counts, trained together by backward simulation
-    fake_updates: int = Field(5, ge=1, le=100)  # (D_fake, C) updates per generator update (TTUR)
-    gan_weight: float = Field(3e-3, ge=0.0)  # the generator's GAN term; 0 = no realism head
-    cls_weight: float = Field(1e-2, ge=0.0)  # the head's classification loss in D_fake's objective
-    karras_steps: int = Field(1000, ge=10, le=100_000)  # points of the Karras grid levels come from
-    dm_range: tuple[float, float] = (0.02, 0.98)  # quantiles of that grid's indices (DMD's 2 %-98 %)
-    fake_term: bool = True  # ablation: False replaces D_fake by x0 itself (the generator collapses)
-    train: TrainParams = _student_train()
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.nfe[0] < 1:
-            raise ValueError(f"nfe {self.nfe}: a generator step costs one call, so nfe >= 1")
-        lo, hi = self.dm_range
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"dm_range {self.dm_range} must satisfy 0 <= low < high <= 1")
-        if (self.gan_weight > 0) != (self.cls_weight > 0):
-            raise ValueError("gan_weight and cls_weight are on (> 0) or off together: a head that never "
-                             "trains gives the generator noise, one the generator never uses is wasted")
-        return self
 
 
 def _mean_pixels(v):  # (B, ...) -> (B,)

@@ -38,34 +38,12 @@ Decisions on open details (each in docs/methods/scm.md with its reason):
 import math
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.func import jvp
 
-from pipeline.config.settings import NfeList, Params, TrainParams
-from pipeline.distill import _student_train
 from pipeline.distill.base import Method, batch_noise, col, trainable_copy, unwrap
 from pipeline.distill.consistency import full
 from pipeline.models.schedules import edm_precond
-
-
-# The params model moves to pipeline/distill/__init__.py together with its registry line
-# ("scm": Registration("diffusion", SCMParams, "pipeline.distill.scm:ContinuousConsistency")).
-class SCMParams(Params):
-    """sCM, continuous-time consistency distillation (Lu & Song 2025) of the diffusion teacher."""
-    nfe: NfeList = [1, 2]  # 1 or 2 steps (the paper's samplers); nothing else
-    mid_t: float = Field(1.1, gt=0.0, lt=math.pi / 2)  # TrigFlow time of the 2-step re-noising
-    p_mean: float = Field(-1.0, ge=-10.0, le=10.0)  # ln sigma ~ N(p_mean, p_std^2) in training
-    p_std: float = Field(1.4, gt=0.0, le=10.0)
-    tangent_warmup: int = Field(100, ge=0, le=10_000_000)  # H steps: r ramps 0 -> 1; 0 = no warm-up
-    tangent_c: float = Field(0.1, gt=0.0)  # c of g / (rms(g) + c)
-    train: TrainParams = _student_train()
-
-    @model_validator(mode="after")
-    def _steps(self):
-        if not set(self.nfe) <= {1, 2}:
-            raise ValueError(f"sCM samples with 1 or 2 steps, not nfe {self.nfe}")
-        return self
 
 
 # --- TrigFlow <-> EDM (paper Sec. 3) ------------------------------------------------------

@@ -40,7 +40,7 @@ def write_report(folders, out, fid_name, n_reference, bridge_style=None, targets
     with atomic_path(out / "verdicts.png") as tmp:
         plot_verdicts(rows, tmp, fid_name)
     texts = {"summary.md": summary_markdown(results, entries, [check(results, t) for t in targets], fid_name,
-                                            n_reference, bridge_style),
+                                            n_reference, bridge_style, verdicts),
              "comparisons.md": comparisons_markdown(results, verdicts, fid_name),
              "headline.json": json.dumps(headline(entries), indent=2) + "\n"}
     for name, text in texts.items():

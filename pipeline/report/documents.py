@@ -2,7 +2,7 @@
 import pandas as pd
 
 from pipeline.report.points import Results
-from pipeline.report.verdicts import answer_table, fewest_nfe, pareto_front, speedups
+from pipeline.report.verdicts import ACROSS_TEACHERS, answer_table, fewest_nfe, pareto_front, speedups
 
 # Which law a bridge teacher's samplers converge to, by its style (docs/teachers.md).
 BRIDGE_LAW = {
@@ -40,8 +40,9 @@ def protocol_lines(results: Results, fid_name, n_reference):
             "paired FID difference does not lie above zero (docs/evaluation.md).")
 
 
-def summary_markdown(results: Results, entries, checked, fid_name, n_reference, bridge_style=None):
-    """The protocol, the answer (one row per model), the targets' verdicts, and where the rest is."""
+def summary_markdown(results: Results, entries, checked, fid_name, n_reference, bridge_style=None, verdicts=None):
+    """The protocol, the answer (one row per model), the targets' verdicts, the students of
+    different teachers at equal NFE (`verdicts`: `verdicts.comparisons`), and where the rest is."""
     parts = [
         "# How few network evaluations does each model need?\n\n" + protocol_lines(results, fid_name, n_reference),
         "## The answer\n\nTeachers first (any of their samplers), then the students by the NFE they need. A "
@@ -51,6 +52,15 @@ def summary_markdown(results: Results, entries, checked, fid_name, n_reference, 
     if checked:
         table = pd.DataFrame(checked, columns=["target (params report.targets)", "verdict", "evidence"])
         parts.append("## Targets\n\n" + markdown_table(table))
+    if verdicts is not None:
+        across = verdicts[verdicts["comparison"] == ACROSS_TEACHERS]
+        if len(across):
+            parts.append(
+                "## Across teacher families, at the same NFE\n\nThe diffusion teacher's students start from noise "
+                "and the corrupted input, the bridge teacher's from the corrupted input itself; on the same inputs "
+                "and seeds their FIDs pair like any other two points. For a user of this task, this is the choice "
+                "between the families at a given cost (e.g. dmd2 against ibmd at 1 NFE).\n\n"
+                + markdown_table(across.drop(columns="comparison")))
     floor = results.floor
     if len(floor):
         parts.append("## Where zero is\n\nThe oracle is the evaluated inputs' own clean images, the input their "

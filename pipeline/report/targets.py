@@ -22,7 +22,8 @@ def _against(results, target, point):
     if target.than == "teacher_same_nfe":
         same = results.distinct(results.teacher_rows(point["teacher"]))
         return [r for _, r in same[same["nfe"] == point["nfe"]].iterrows()]
-    return [r for _, r in _rows(results, target.than, point["nfe"]).iterrows()]
+    nfe = point["nfe"] if target.than_nfe is None else target.than_nfe
+    return [r for _, r in _rows(results, target.than, nfe).iterrows()]
 
 
 def statement(target):
@@ -30,7 +31,7 @@ def statement(target):
     if target.claim == "faster":
         return f"{name} at least {target.by:g}x faster than the cheapest teacher point not worse than it"
     than = {"teacher_best": "the teacher's best point", "teacher_same_nfe": "every teacher sampler at the same NFE"}
-    return f"{name} {target.claim.replace('_', ' ')} than {than.get(target.than, f'{target.than} @ {target.nfe} NFE')}"
+    return f"{name} {target.claim.replace('_', ' ')} than {than.get(target.than, f'{target.than} @ {target.than_nfe or target.nfe} NFE')}"
 
 
 def check(results: Results, target):

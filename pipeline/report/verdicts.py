@@ -10,6 +10,10 @@ import pandas as pd
 
 from pipeline.report.points import Results
 
+SAME_NFE = "method vs method at the same NFE"
+# Students of different teachers (e.g. a diffusion teacher's DMD2 against a bridge teacher's
+# IBMD): for the task's user, the choice between teacher families at a given cost.
+ACROSS_TEACHERS = "method vs method at the same NFE, other teacher"
 COMPARISON_COLUMNS = ["comparison", "a", "b", "fid_a", "fid_b", "difference", "lo", "hi", "verdict"]
 
 
@@ -38,10 +42,10 @@ def comparisons(results: Results):
         same = results.distinct(results.teacher_rows(st["teacher"]))
         for _, t in same[same["nfe"] == st["nfe"]].iterrows():
             rows.append(_comparison(results, "vs teacher at the same NFE", st, t))
-        others = students[(students["teacher"] == st["teacher"]) & (students["nfe"] == st["nfe"])
-                          & (students["model"] > st["model"])]
-        for _, other in others.iterrows():
-            rows.append(_comparison(results, "method vs method at the same NFE", st, other))
+        others = students[(students["nfe"] == st["nfe"]) & (students["model"] > st["model"])]
+        for _, other in others.iterrows():  # same inputs and seeds, whichever teacher: paired too
+            kind = SAME_NFE if other["teacher"] == st["teacher"] else ACROSS_TEACHERS
+            rows.append(_comparison(results, kind, st, other))
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 

@@ -20,8 +20,9 @@ from tests.helpers import THROWAWAY
 SHAPE = DataShape(channels=1, image_size=8, conditional=True)
 NET = UNetParams(patch=2, channels=(16, 16), emb_dim=32)
 TRAIN = TrainParams(steps=4, batch_size=6, lr=1e-3, warmup_steps=0, log_every=2, checkpoint_every=4)
-# Every registered method, the DDBM-style (conditional) bridge for IBMD, and the throw-away.
-CASES = [(name, "i2sb") for name in METHODS] + [("ibmd", "ddbm"), ("throwaway", "i2sb")]
+# Every registered method, a bridge's students on every bridge style they distil, and the throw-away.
+CASES = [(name, style) for name, entry in METHODS.items()
+         for style in (entry.bridge_styles if entry.teacher == "bridge" else ("i2sb",))] + [("throwaway", "i2sb")]
 
 
 def tiny_teacher(name, style):
@@ -47,7 +48,8 @@ def batch(method, n=6):
     return {k: full[k] for k in method.data_keys}
 
 
-@pytest.fixture(params=CASES, ids=[f"{n}-{s}" if n == "ibmd" else n for n, s in CASES])
+@pytest.fixture(params=CASES, ids=[f"{n}-{s}" if METHODS.get(n, THROWAWAY).teacher == "bridge" and
+                                           len(METHODS[n].bridge_styles) > 1 else n for n, s in CASES])
 def method(request, monkeypatch):
     name, style = request.param
     if name == "throwaway":  # one registry line, as a new method would add it

@@ -130,9 +130,9 @@ def comparisons(table):
         same = teacher(st.teacher)
         for t in same[same["nfe"] == st.nfe].itertuples():
             add("vs teacher at the same NFE", st, t)
-        for other in students[(students["teacher"] == st.teacher) & (students["nfe"] == st.nfe)
-                              & (students["model"] > st.model)].itertuples():
-            add("method vs method at the same NFE", st, other)
+        for other in students[(students["nfe"] == st.nfe) & (students["model"] > st.model)].itertuples():
+            add("method vs method at the same NFE" + ("" if other.teacher == st.teacher else ", other teacher"),
+                st, other)
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 

@@ -38,7 +38,10 @@ def test_chain_writes_the_report(project):
     verdicts = pd.read_csv(root / "results" / "comparisons.csv")
     assert set(verdicts["verdict"]) <= {"better", "worse", "indistinguishable"}
     assert {"vs teacher's best", "floor vs teacher's best", "vs teacher at the same NFE",
-            "method vs method at the same NFE"} == set(verdicts["comparison"])
+            "method vs method at the same NFE", "method vs method at the same NFE, other teacher"
+            } == set(verdicts["comparison"])
+    across = verdicts[verdicts["comparison"] == "method vs method at the same NFE, other teacher"]
+    assert {("cd/student@1", "ibmd/student@1"), ("cd/student@2", "cdbm/student@2")} <= set(zip(across["a"], across["b"]))
     assert ((verdicts["verdict"] == "better") == (verdicts["hi"] < 0)).all()
     # One-call samplers reach the same 1-NFE sample: compared once, named together.
     assert verdicts["a"].str.startswith("diffusion/{").any() and not verdicts["a"].str.match(r"diffusion/\w+@1$").any()
@@ -52,6 +55,8 @@ def test_chain_writes_the_report(project):
     assert sorted(named) == sorted(params["evaluate"]["models"])  # one row per model
     assert set(named[:2]) == {"diffusion", "bridge"}  # the teachers first
     assert all(all(cell.strip() for cell in line.strip("|").split("|")) for line in answer)  # no empty cell
+    across_section = summary.split("## Across teacher families, at the same NFE")[1].split("\n## ")[0]
+    assert across_section.count("\n| ") == 1 + len(across)  # header + every cross-family comparison
     targets = summary.split("## Targets")[1].split("\n## ")[0]
     assert targets.count("\n| ") == 1 + len(params["report"]["targets"])  # header + one row each
     assert "mm @ 8 NFE" in targets and "not evaluated" in targets  # mm is not in the smoke chain
@@ -188,7 +193,8 @@ def test_changing_one_teacher_reruns_only_its_branch(project_copy):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc repro", root, env).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"teacher@bridge", "evaluate@bridge", "distill@ibmd", "evaluate@ibmd", "report"}
+    assert ran == {"teacher@bridge", "evaluate@bridge", "distill@ibmd", "evaluate@ibmd", "distill@cdbm", "evaluate@cdbm",
+                   "report"}
 
 
 def test_changing_one_method_reruns_only_that_student(project_copy):

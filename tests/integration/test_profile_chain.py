@@ -1,7 +1,7 @@
 """The CIFAR-10 class-conditional profile (profiles/cifar10-class.yaml) through the whole chain
 on the CPU, shrunk: the profile's settings (class labels, attention at 16x16, Inception FID,
 streamed shards, bf16 autocast, its evaluation, and the students that the smoke chain does not
-run through their stages, mm and pd) with tiny nets, a few steps and synthetic 32x32 RGB
+run through their stages, mm, pd, dmd2 and scm) with tiny nets, a few steps and synthetic 32x32 RGB
 images of ten classes in a folder."""
 import math
 import os
@@ -19,7 +19,7 @@ from tests.integration.conftest import copy_code, loaded_modules_outside_deps, s
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
 
 CLASSES, PER_CLASS, SIZE = 10, 36, 32
-PROFILE_METHODS = ("mm", "pd")
+PROFILE_METHODS = ("mm", "pd", "dmd2", "scm")
 
 
 def write_synthetic_classes(root, seed=0):
@@ -59,6 +59,7 @@ def shrunk(profile):
     params["distill"]["pd"].update(start_steps=16, rounds=2)
     # The Inception extractor costs ~0.5 s of CPU per image here: few points, few samples.
     params["distill"]["mm"]["nfe"] = [4]
+    params["distill"]["dmd2"].update(nfe=[1, 2], fake_updates=2)  # 2: still the alternating loop
     params["evaluate"].update(nfe=[1, 2], n_samples=12, batch_size=12, seeds=[1, 2], groups=4, grid_samples=4)
     params["evaluate"]["samplers"]["diffusion"] = ["ddim", "heun"]
     params["evaluate"]["device"] = "cpu"
@@ -94,10 +95,11 @@ def test_the_chain_completes_and_is_up_to_date(chain):
 
 def test_every_module_a_stage_loaded_is_one_of_its_deps(chain):
     """As tests/integration/test_pipeline.py checks the smoke chain's stages: here the
-    class-conditional path, Inception FID and the students of mm and pd."""
+    class-conditional path, Inception FID and the students of mm, pd, dmd2 and scm."""
     root, env, _ = chain
     logged = loaded_modules_outside_deps(root, env["PIPELINE_IMPORTS_LOG"])
-    assert any("pipeline/distill/pd.py" in e["modules"] for e in logged if e["stage"] == "distill@pd")
+    for m in PROFILE_METHODS:
+        assert any(f"pipeline/distill/{m}.py" in e["modules"] for e in logged if e["stage"] == f"distill@{m}"), m
 
 
 def test_the_models_take_the_label_and_attend_at_16x16(chain):

@@ -24,8 +24,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from pipeline.config.settings import BridgeTeacherParams, TrainParams
-from pipeline.distill import Registration
-from pipeline.distill.cdbm import CDBMParams, ConsistencyBridgeDistillation
+from pipeline.distill import CDBMParams
+from pipeline.distill.cdbm import ConsistencyBridgeDistillation
 from pipeline.evaluation.noise import SeededNoise
 from pipeline.models.bridge import BridgeSchedule, bridge_precond
 from pipeline.models.teachers import Teacher
@@ -38,14 +38,10 @@ from tests.helpers import BRIDGE_POST_VAR as POST_VAR
 from tests.helpers import BRIDGE_R as R
 from tests.helpers import BRIDGE_SCHEDULES, BRIDGE_SHAPE
 from tests.helpers import BRIDGE_V as V
-from tests.helpers import bridge_teacher, col, registered_for_module
+from tests.helpers import bridge_teacher, col
 
-CDBM = Registration("bridge", CDBMParams, "pipeline.distill.cdbm:ConsistencyBridgeDistillation")
 STATS = dict(sigma_data=math.sqrt(V), sigma_y=math.sqrt(V + NOISE), cov_xy=V)  # the toy's moments
 one_thread = pytest.fixture(autouse=True)(one_torch_thread)
-
-
-registered = registered_for_module("cdbm", CDBM)
 
 
 class ToyBridgeDenoiser(nn.Module):

@@ -24,9 +24,9 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.config.settings import DiffusionTeacherParams, TrainParams, UNetParams
-from pipeline.distill import Registration
+from pipeline.distill import DMD2Params
 from pipeline.distill.base import unwrap
-from pipeline.distill.dmd2 import DMD2, DMD2Params, middle_block
+from pipeline.distill.dmd2 import DMD2, middle_block
 from pipeline.evaluation.noise import SeededNoise
 from pipeline.models.loading import build_teacher
 from pipeline.models.teachers import DataShape, teacher_config
@@ -35,13 +35,9 @@ from pipeline.training.loop import run_training
 from tests.conftest import one_torch_thread
 from tests.helpers import GAUSS_MEAN as MEAN
 from tests.helpers import GAUSS_VAR as VAR
-from tests.helpers import gaussian_data, gaussian_teacher, registered_for_module
+from tests.helpers import gaussian_data, gaussian_teacher
 
-ENTRY = Registration("diffusion", DMD2Params, "pipeline.distill.dmd2:DMD2")
 one_thread = pytest.fixture(autouse=True)(one_torch_thread)
-
-
-registered = registered_for_module("dmd2", ENTRY)
 
 
 class FlippedDMD2(DMD2):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipeline.config.settings import DiffusionTeacherParams, TrainParams, UNetParams
-from pipeline.distill import Registration
-from pipeline.distill.scm import (ContinuousConsistency, SCMParams, TrigFlowStudent, consistency_x0,
+from pipeline.distill import SCMParams
+from pipeline.distill.scm import (ContinuousConsistency, TrigFlowStudent, consistency_x0,
                                   edm_sigma, pf_ode_velocity)
 from pipeline.evaluation.noise import SeededNoise
 from pipeline.models.students import Student
@@ -28,17 +28,13 @@ from tests.helpers import COND_MU as MU
 from tests.helpers import COND_S as S
 from tests.helpers import COND_SCHEDULE as SCHEDULE
 from tests.helpers import COND_SHAPE as SHAPE
-from tests.helpers import col, perturb, registered_for_module, unconditional_data
+from tests.helpers import col, perturb, unconditional_data
 from tests.helpers import conditional_teacher as toy_teacher
 
 one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 SD = SCHEDULE.sigma_data
 TRAIN = TrainParams(steps=200, batch_size=256, lr=3e-3, warmup_steps=0, log_every=50,
                     checkpoint_every=200)
-
-
-registered = registered_for_module(
-    "scm", Registration("diffusion", SCMParams, "pipeline.distill.scm:ContinuousConsistency"))
 
 
 def scm(cls=ContinuousConsistency, teacher=None, **params):

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 # changes no result); `distill.methods` and `evaluate.models` decide which stages exist.
 # evaluate.nfe / samplers / guidance are read by the teachers' evaluations only, but one
 # stage group evaluates teachers and students alike, so the students' evaluations rerun too.
-TEACHERS, METHODS = ("diffusion", "bridge"), ("ibmd", "mm", "tdd", "pd", "cd")
+TEACHERS, METHODS = ("diffusion", "bridge"), ("ibmd", "mm", "tdd", "pd", "cd", "dmd2", "scm", "cdbm")
 TRAINING = {"features", *(f"teacher@{t}" for t in TEACHERS), *(f"distill@{m}" for m in METHODS)}
 EVALUATIONS = {f"evaluate@{m}" for m in (*TEACHERS, *METHODS)}
 
@@ -184,8 +184,8 @@ def test_report_reruns_when_the_evaluated_models_change(locked_project):
     params_file = locked_project / "params.yaml"
     original = params_file.read_text()
     try:
-        params_file.write_text(original.replace("models: [diffusion, bridge, ibmd, mm, tdd, pd, cd]",
-                                                "models: [diffusion, bridge, ibmd, mm, tdd, cd, pd]"))
+        params_file.write_text(original.replace("models: [diffusion, bridge, ibmd, mm, tdd, pd, cd, dmd2, scm, cdbm]",
+                                                "models: [diffusion, bridge, ibmd, mm, tdd, cd, pd, dmd2, scm, cdbm]"))
         with chdir(locked_project):
             status = Repo(str(locked_project)).status()
     finally:

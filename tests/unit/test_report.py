@@ -96,12 +96,18 @@ def test_targets_are_met_missed_or_indistinguishable(folders):
     results = Results(folders)
 
     def verdict(**target):
-        return check(results, SimpleNamespace(**{"than": "teacher_best", "by": None, **target}))[1]
+        return check(results, SimpleNamespace(**{"than": "teacher_best", "than_nfe": None, "by": None, **target}))[1]
 
     assert verdict(model="mm", nfe=4, claim="not_worse") == "met"  # indistinguishable from the best
     assert verdict(model="mm", nfe=4, claim="better") == "indistinguishable"
     assert verdict(model="pd", nfe=4, claim="not_worse") == "missed"
     assert verdict(model="mm", nfe=4, claim="better", than="pd") == "met"
+    # Across NFE (than_nfe): cd@1 (FID 5.0) against mm@4 (1.0), mm@4 against cd@2 (1.0); no cd@3.
+    assert verdict(model="cd", nfe=1, claim="not_worse", than="mm", than_nfe=4) == "missed"
+    assert verdict(model="mm", nfe=4, claim="better", than="cd", than_nfe=2) == "indistinguishable"
+    assert verdict(model="mm", nfe=4, claim="better", than="cd", than_nfe=1) == "met"
+    assert verdict(model="mm", nfe=4, claim="better", than="cd", than_nfe=3) == "not evaluated"
+    assert verdict(model="mm", nfe=4, claim="better", than="cd") == "not evaluated"  # cd has no 4-NFE point
     assert verdict(model="cd", nfe=2, claim="better", than="teacher_same_nfe") == "not evaluated"  # no teacher @ 2
     assert verdict(model="mm", nfe=8, claim="not_worse") == "not evaluated"
     assert verdict(model="mm", nfe=4, claim="faster", by=16.0) == "met"  # 2 s against ddim@32's 32 s

@@ -36,7 +36,8 @@ def protocol_lines(results: Results, fid_name, n_reference):
     seeds = ", ".join(map(str, p.get("seeds", []))) or "one"
     return (f"**{fid_name}** of {p['n']} evaluated test inputs' samples against {n_reference} reference images, "
             f"the mean over sampling seeds {seeds}; 95 % intervals from {p['groups']} jackknife groups of inputs.  \n"
-            f"NFE grid {', '.join(map(str, nfe))}. A point is *not worse* than another when the interval of their "
+            f"NFE grid {', '.join(map(str, nfe))}; NFE counts every network call of a sample (a guided step's two, "
+            "CDBM's call at T that boots its ODE). A point is *not worse* than another when the interval of their "
             "paired FID difference does not lie above zero (docs/evaluation.md).")
 
 

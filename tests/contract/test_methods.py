@@ -48,8 +48,7 @@ def batch(method, n=6):
     return {k: full[k] for k in method.data_keys}
 
 
-@pytest.fixture(params=CASES, ids=[f"{n}-{s}" if METHODS.get(n, THROWAWAY).teacher == "bridge" and
-                                           len(METHODS[n].bridge_styles) > 1 else n for n, s in CASES])
+@pytest.fixture(params=CASES, ids=[f"{n}-{s}" if [c[0] for c in CASES].count(n) > 1 else n for n, s in CASES])
 def method(request, monkeypatch):
     name, style = request.param
     if name == "throwaway":  # one registry line, as a new method would add it

@@ -218,7 +218,7 @@ def work_seconds(project):
         work["floor (2 points)"] = time.perf_counter() - tick
         tick = time.perf_counter()
         write_report([project / "results" / "eval" / m for m in ("diffusion", "floor")], Path(tmp) / "report",
-                     features.fid_name, None)
+                     json.loads((project / "models" / "features" / "info.json").read_text()))
         work["report"] = time.perf_counter() - tick
     return work
 

@@ -390,7 +390,7 @@ class EvaluateParams(Params):
     n_samples: int = Field(500, ge=2)  # the first n of the test split
     batch_size: int = Field(250, ge=1)  # memory only: results do not depend on it
     seeds: IncreasingList = [1, 2, 3]  # sampling seeds: every point is sampled once per seed
-    groups: int = Field(50, ge=2)  # jackknife groups of the evaluated inputs (the intervals)
+    groups: int = Field(50, ge=4)  # jackknife groups of the evaluated inputs (the intervals); 2+ per half (the teacher's best)
     guidance: float = Field(0.0, ge=0.0, le=20.0)  # classifier-free guidance w (diffusion)
     # Step grid of the teachers' one-call-per-step samplers (schedules.step_sigmas): "fair"
     # puts every call where it does work; "edm" is EDM's/k-diffusion's, whose last call is at

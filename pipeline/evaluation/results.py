@@ -9,7 +9,9 @@ input rows) holds:
 - metrics.json: the same as {sampler: {nfe_NNN: {...}}} (for `dvc metrics` / `dvc exp show`);
 - replicates.json: per point and metric, the leave-a-group-out replicates of the estimate
   (pipeline.evaluation.uncertainty), with the inputs, groups and seeds they were computed on, so the
-  report compares points pairwise;
+  report compares points pairwise; under `halves`, FID on each half of the inputs with its
+  own replicates (the teacher's best is chosen on one half, compared on the other:
+  pipeline.evaluation.selection);
 - grids/nfe_NNN.png, grids/rows.json: samples of the first sampling seed.
 """
 import csv
@@ -20,7 +22,9 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.runtime.outputs import staging_dir, write_json
 
-SCORED = ("fid", "kid", "psnr", "ssim", "accuracy")  # each with _lo and _hi
+SCORED = ("fid", "kid", "precision", "recall", "psnr", "ssim", "accuracy")  # each with _lo and _hi
+LOWER_IS_BETTER = {"fid": True, "kid": True, "precision": False, "recall": False, "psnr": False, "ssim": False,
+                   "accuracy": False}
 METRICS = tuple(f"{m}{suffix}" for m in SCORED for suffix in ("", "_lo", "_hi")) + ("sec_per_sample",)
 COLUMNS = ("model", "method", "teacher", "sampler", "nfe") + METRICS
 
@@ -85,11 +89,21 @@ def write_evaluation(out, rows, replicates, grids, protocol):
             write_json(tmp / "grids" / "rows.json", {name: rows_ for name, (rows_, _) in grids.items()})
 
 
-def read_replicates(folder):
-    """(protocol, {point_key: {metric: tuple}}) of an evaluation folder; PipelineError if absent."""
+def _read(folder):
     path = Path(folder) / "replicates.json"
     if not path.is_file():
         raise PipelineError(f"{path} is missing: run `dvc repro` for the stage that writes {Path(folder).name}")
-    data = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def read_replicates(folder):
+    """(protocol, {point_key: {metric: tuple}}) of an evaluation folder; PipelineError if absent."""
+    data = _read(folder)
     points = data.pop("points")
-    return data, {k: {m: tuple(v) for m, v in metrics.items()} for k, metrics in points.items()}
+    return data, {k: {m: tuple(v) for m, v in metrics.items() if m != "halves"} for k, metrics in points.items()}
+
+
+def read_halves(folder):
+    """{point_key: {metric: [{estimate, replicates}] * 2}}: the points scored on each half of the
+    inputs (none for the floor, whose inputs are no choice)."""
+    return {k: metrics["halves"] for k, metrics in _read(folder)["points"].items() if "halves" in metrics}

@@ -183,8 +183,8 @@ def score_all(points, truth, scorer, show=False):
         for (sampler, nfe), (samples, sec) in sorted(points.items()):
             scoring.set_postfix(sampler=sampler, nfe=nfe)
             scored = scorer.score(samples, truth)
-            rows.append({"sampler": sampler, "nfe": nfe, **row_metrics(scored), "sec_per_sample": sec})
-            replicates[point_key(sampler, nfe)] = {m: list(p.replicates) for m, p in scored.items()}
+            rows.append({"sampler": sampler, "nfe": nfe, **row_metrics(scored.points), "sec_per_sample": sec})
+            replicates[point_key(sampler, nfe)] = scored.replicates()
             scoring.update()
     return rows, replicates
 

@@ -16,6 +16,9 @@ seeds, for any smooth statistic of the samples (a mean of per-image scores, FID,
   the interval of the difference excludes 0, else "indistinguishable".
 - `frechet_distance`, `kid`: the statistics from features, with leave-a-group-out
   replicates computed from group sums (one pass over the features).
+- `Manifold.of`, `precision_recall`: improved precision and recall (Kynkaanniemi et al.
+  2019), each replicate an exact recomputation without its group (one pass over the
+  generated-reference distances).
 """
 import math
 from dataclasses import dataclass
@@ -59,24 +62,48 @@ class Point:
 
 @dataclass(frozen=True)
 class Comparison:
-    """a - b with its interval and the verdict for a metric where `lower` is better or not."""
+    """a - b with its interval and the verdict for a metric where `lower` is better or not.
+    `replicates` are the difference's own leave-a-group-out replicates and `se` their jackknife
+    standard error, so a family of comparisons can widen every interval together (`at`,
+    pipeline.evaluation.multiplicity)."""
     difference: float
     lo: float
     hi: float
     verdict: str  # "better" / "worse" (a against b) / "indistinguishable"
+    se: float = float("nan")
+    replicates: tuple = ()
+    lower_is_better: bool = True
+
+    @property
+    def df(self):
+        return len(self.replicates) - 1
+
+    def at(self, critical):
+        """The same comparison with the interval difference +- critical * se."""
+        lo, hi = self.difference - critical * self.se, self.difference + critical * self.se
+        return Comparison(self.difference, lo, hi, verdict_of(lo, hi, self.lower_is_better), self.se,
+                          self.replicates, self.lower_is_better)
+
+
+def verdict_of(lo, hi, lower_is_better=True):
+    """"better" / "worse" when [lo, hi] (of a - b) excludes 0, else "indistinguishable"."""
+    if hi < 0 or lo > 0:
+        return "better" if (hi < 0) == lower_is_better else "worse"
+    return "indistinguishable"
+
+
+def compare_replicates(difference, replicates, lower_is_better=True, level=LEVEL) -> Comparison:
+    """A comparison from a difference and its leave-a-group-out replicates."""
+    lo, hi, se = interval(difference, replicates, level)
+    return Comparison(difference, lo, hi, verdict_of(lo, hi, lower_is_better), se, tuple(replicates),
+                      lower_is_better)
 
 
 def compare(a: Point, b: Point, lower_is_better=True, level=LEVEL) -> Comparison:
     if len(a.replicates) != len(b.replicates):
         raise ValueError("points compared pairwise need the same groups of the same inputs")
-    diff = a.estimate - b.estimate
-    lo, hi, _ = interval(diff, np.subtract(a.replicates, b.replicates), level)
-    if hi < 0 or lo > 0:
-        a_lower = hi < 0
-        verdict = "better" if a_lower == lower_is_better else "worse"
-    else:
-        verdict = "indistinguishable"
-    return Comparison(diff, lo, hi, verdict)
+    return compare_replicates(a.estimate - b.estimate, np.subtract(a.replicates, b.replicates), lower_is_better,
+                              level)
 
 
 # --- per-image means ---------------------------------------------------------------------------
@@ -183,3 +210,110 @@ def kid(features, ref_features, group, chunk=2048, k_yy=None):
 def _offdiag_sum(y, chunk):
     total = sum(_poly_kernel(y[i:i + chunk], y).sum() for i in range(0, len(y), chunk))
     return total - ((np.einsum("ij,ij->i", y, y) / y.shape[1] + 1.0) ** 3).sum()
+
+
+# --- precision and recall ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Manifold:
+    """The reference features and each one's radius: the distance to its k-th nearest other
+    reference feature, NND_k (Kynkaanniemi et al. 2019, Eq. 1)."""
+    features: np.ndarray  # (m, d) float64
+    radii: np.ndarray  # (m,)
+    k: int
+
+    @classmethod
+    def of(cls, ref_features, k=3, chunk=2048) -> "Manifold":
+        y = np.asarray(ref_features, dtype=np.float64)
+        distances, _ = _nearest(y, k, chunk)
+        return cls(y, distances[:, k - 1], k)
+
+
+def _distances(a, b, b_sq):
+    """(len(a), len(b)) Euclidean distances from ||a||^2 + ||b||^2 - 2 a.b, built in place so
+    that a chunk allocates one float matrix."""
+    d = a @ b.T
+    d *= -2
+    d += np.einsum("ij,ij->i", a, a)[:, None]
+    d += b_sq
+    np.maximum(d, 0, out=d)  # rounding can take a tiny distance below 0
+    return np.sqrt(d, out=d)
+
+
+def _nearest(x, count, chunk):
+    """(distances, indices), both (n, count): each point's `count` nearest other points, nearest first."""
+    sq = np.einsum("ij,ij->i", x, x)
+    distances, indices = [], []
+    for start in range(0, len(x), chunk):
+        d = _distances(x[start:start + chunk], x, sq)
+        rows = np.arange(len(d))
+        d[rows, start + rows] = np.inf  # a point is not its own neighbour
+        near = np.argpartition(d, count - 1, axis=1)[:, :count]
+        near_d = np.take_along_axis(d, near, 1)
+        order = np.argsort(near_d, axis=1)
+        distances.append(np.take_along_axis(near_d, order, 1))
+        indices.append(np.take_along_axis(near, order, 1))
+    return np.concatenate(distances), np.concatenate(indices)
+
+
+def _radii_without(distances, neighbour_group, own_group, k):
+    """(groups, radii), both (n, k): for each generated sample, the groups among its k nearest
+    neighbours and its radius once that group is left out, the k-th nearest neighbour outside it.
+    Only these groups change a radius; removing any other leaves the k nearest in place. A slot
+    with a repeated group, or the sample's own (it leaves with it), gets radius -inf: it covers
+    nothing."""
+    near = np.sort(neighbour_group[:, :k], axis=1)
+    repeated = np.zeros(near.shape, bool)
+    repeated[:, 1:] = near[:, 1:] == near[:, :-1]
+    radii = np.empty(near.shape)
+    for slot in range(k):
+        outside = np.cumsum(neighbour_group != near[:, slot, None], axis=1)
+        kth = np.argmax(outside >= k, axis=1)
+        radii[:, slot] = np.take_along_axis(distances, kth[:, None], 1)[:, 0]
+    radii[repeated | (near == own_group[:, None])] = -np.inf
+    return near, radii
+
+
+def _count_by_group(hits, labels, groups):
+    """(groups, m) int: per group, how many of the rows of `hits` (c, m) labelled with it are True."""
+    order = np.argsort(labels)
+    present, first = np.unique(labels[order], return_index=True)
+    counts = np.zeros((groups, hits.shape[1]), np.int64)
+    counts[present] = np.add.reduceat(hits[order], first, axis=0, dtype=np.int64)
+    return counts
+
+
+def precision_recall(features, ref: Manifold, group, chunk=2048):
+    """((precision, replicates), (recall, replicates)) of generated features (n, d) against `ref`
+    (Kynkaanniemi et al. 2019, Eq. 2): precision, the share of generated samples inside some
+    reference ball; recall, the share of reference features inside some generated ball, the
+    generated radii taken among the generated samples (Eq. 1).
+
+    The replicates are exact recomputations with group g's samples left out. For precision that
+    is a leave-a-group-out mean. For recall, g's balls leave and the samples whose k nearest
+    neighbours were in g grow theirs: each sample keeps its k + (largest group) nearest
+    neighbours, which hold its k nearest outside any one group, and one pass over the
+    generated-reference distances counts each reference feature's covering balls per group and
+    marks what the grown balls add."""
+    x = np.asarray(features, dtype=np.float64)
+    sizes = np.bincount(group)
+    if len(x) - sizes.max() <= ref.k:
+        raise ValueError(f"need more than k={ref.k} generated samples outside every group")
+    distances, neighbours = _nearest(x, min(ref.k + sizes.max(), len(x) - 1), chunk)
+    radii = distances[:, ref.k - 1]
+    grown_group, grown_radii = _radii_without(distances, group[neighbours], group, ref.k)
+    m, groups = len(ref.features), len(sizes)
+    inside = np.empty(len(x), bool)
+    covering = np.zeros((groups, m), np.int64)  # [g, j]: balls of group g holding reference j
+    grown = np.zeros((groups, m), bool)  # [g, j]: j inside a ball grown by leaving g out
+    ref_sq = np.einsum("ij,ij->i", ref.features, ref.features)
+    for start in range(0, len(x), chunk):
+        rows = slice(start, start + chunk)
+        d = _distances(x[rows], ref.features, ref_sq)
+        inside[rows] = (d <= ref.radii).any(1)
+        covering += _count_by_group(d <= radii[rows, None], group[rows], groups)
+        for slot in range(ref.k):
+            grown |= _count_by_group(d <= grown_radii[rows, slot, None], grown_group[rows, slot], groups) > 0
+    total = covering.sum(0)
+    recall = ((total - covering > 0) | grown).mean(1)
+    return mean_with_replicates(inside, group), (float((total > 0).mean()), tuple(recall.tolist()))

@@ -21,7 +21,7 @@ def markdown_table(table, digits=4):
     return "\n".join(lines)
 
 
-def with_intervals(table, metrics=("fid", "kid", "psnr", "ssim", "accuracy")):
+def with_intervals(table, metrics=("fid", "kid", "precision", "recall", "psnr", "ssim", "accuracy")):
     """The table with `m [lo, hi]` cells and ms per sample."""
     out = table[["model", "method", "teacher", "sampler", "nfe"]].fillna({"teacher": ""})
     for m in metrics:
@@ -31,21 +31,33 @@ def with_intervals(table, metrics=("fid", "kid", "psnr", "ssim", "accuracy")):
     return out
 
 
-def protocol_lines(results: Results, fid_name, n_reference):
-    p, nfe = results.protocol, sorted(results.models["nfe"].unique())
-    seeds = ", ".join(map(str, p.get("seeds", []))) or "one"
-    return (f"**{fid_name}** of {p['n']} evaluated test inputs' samples against {n_reference} reference images, "
-            f"the mean over sampling seeds {seeds}; 95 % intervals from {p['groups']} jackknife groups of inputs.  \n"
-            f"NFE grid {', '.join(map(str, nfe))}; NFE counts every network call of a sample (a guided step's two, "
-            "CDBM's call at T that boots its ODE). A point is *not worse* than another when the interval of their "
-            "paired FID difference does not lie above zero (docs/evaluation.md).")
+def protocol_lines(results: Results, protocol):
+    """The protocol in a few lines (protocol.json holds all of it)."""
+    nfe = sorted(results.models["nfe"].unique())
+    seeds = ", ".join(map(str, protocol["sampling_seeds"])) or "one"
+    inputs, families = protocol["evaluated_inputs"], protocol["verdict_families"]
+    lines = [
+        f"**{protocol['extractor']['fid_name']}** of {inputs['n']} evaluated test inputs' samples against "
+        f"{protocol['reference']['n']} reference images, the mean over sampling seeds {seeds}; intervals from "
+        f"{inputs['jackknife_groups']} jackknife groups of inputs. Precision and recall (k = 3) in the same "
+        "feature space.",
+        f"NFE grid {', '.join(map(str, nfe))}; NFE counts every network call of a sample (a guided step's two, "
+        "CDBM's call at T that boots its ODE).",
+        "The teacher's best point is chosen on one half of the inputs and compared on the other. A point is "
+        "*not worse* than another when the interval of their paired FID difference does not lie above zero.",
+        f"Verdicts here: {families['summary']}; in comparisons.md: {families['comparisons']} (docs/evaluation.md).",
+    ]
+    if len(protocol["training_seeds"]) == 1:
+        lines.append(f"One training seed ({protocol['training_seeds'][0]}): these verdicts do not include the "
+                     "variance of retraining.")
+    return "  \n".join(lines)
 
 
-def summary_markdown(results: Results, entries, checked, fid_name, n_reference, bridge_style=None, verdicts=None):
+def summary_markdown(results: Results, entries, checked, protocol, bridge_style=None, verdicts=None):
     """The protocol, the answer (one row per model), the targets' verdicts, the students of
     different teachers at equal NFE (`verdicts`: `verdicts.comparisons`), and where the rest is."""
     parts = [
-        "# How few network evaluations does each model need?\n\n" + protocol_lines(results, fid_name, n_reference),
+        "# How few network evaluations does each model need?\n\n" + protocol_lines(results, protocol),
         "## The answer\n\nTeachers first (any of their samplers), then the students by the NFE they need. A "
         "student's speed-up is over the cheapest teacher point not worse than it, a teacher's over its own best "
         "point; both are measured seconds per sample.\n\n" + markdown_table(answer_table(results, entries)),
@@ -75,14 +87,16 @@ def summary_markdown(results: Results, entries, checked, fid_name, n_reference, 
     return "\n\n".join(parts) + "\n"
 
 
-def comparisons_markdown(results: Results, verdicts, fid_name):
+def comparisons_markdown(results: Results, verdicts, protocol):
     same = sorted({label for _, r in results.models.iterrows() if "{" in (label := results.label(r))})
     parts = [
-        f"# Every comparison ({fid_name})\n\n`difference` is FID(a) - FID(b) with its 95 % interval (paired: the "
-        "same inputs and seeds); `better` means a's FID is lower beyond the interval. Samplers that reach the same "
-        "sample are compared once, named together in braces"
-        + (f" ({', '.join(same)})." if same else "."),
-        "## Comparisons\n\n" + markdown_table(verdicts),
+        f"# Every comparison ({protocol['extractor']['fid_name']})\n\n`difference` is metric(a) - metric(b) "
+        "(paired: the same inputs and seeds), against the teacher's best at half the inputs (chosen on the other "
+        f"half); its interval and verdict are at the list's level: {protocol['verdict_families']['comparisons']}. "
+        "`p` is the comparison's own two-sided p-value, `q` its Benjamini-Hochberg adjusted one; `better` means a "
+        "is better beyond the interval (lower FID, higher precision or recall). Samplers that reach the same "
+        "sample are compared once, named together in braces" + (f" ({', '.join(same)})." if same else "."),
+        "## Comparisons\n\n" + markdown_table(verdicts.drop(columns="se")),
         "## Fewest NFE per sampler not worse than the teacher's best point\n\n" + markdown_table(fewest_nfe(results)),
         "## Students: measured speed-up at equal quality\n\nThe cheapest teacher point not worse than the student, "
         "and the ratio of measured seconds per sample.\n\n" + markdown_table(speedups(results)),

@@ -48,38 +48,29 @@ def plot_fid_vs_nfe(results: Results, path, fid_name):
     plt.close(fig)
 
 
-def verdict_rows(results: Results, verdicts):
+def verdict_rows(results: Results):
     """Long format of the verdict picture: per teacher family (`family`), one `curve` per
     sampler and student, each point's paired FID difference to the teacher's best point with
-    its interval (`lo`, `hi`) and verdict, as `verdicts` (comparisons.csv) states them; the
-    teacher's best point itself at 0; the floor's rows (NFE 0) as flat curves across the
-    family's NFE range. `point` is the comparison's `a`."""
-    stated = verdicts[verdicts["comparison"].isin(["vs teacher's best", "floor vs teacher's best"])]
-    stated = stated.set_index("a")
+    its interval (`lo`, `hi`) and verdict as the summary states them (`Results.vs_best`: chosen
+    on one half of the inputs, compared on the other, at the summary's family level); the
+    floor's rows (NFE 0) as flat curves across the family's NFE range. `point` is the point's
+    label (samplers of the same sample named together)."""
     rows = []
     for teacher in results.teachers:
-        family, best = results.family(teacher), results.best(results.teacher_rows(teacher))
-        best_label = results.label(best)
+        family, best = results.family(teacher), results.best(teacher)
         for _, p in family.iterrows():
             canonical = p.copy()
             canonical["sampler"] = results.alias_of.get((p["model"], p["sampler"], p["nfe"]), p["sampler"])
-            label = results.label(canonical)
-            curve = p["model"] if p["sampler"] == "student" else f"{p['model']} / {p['sampler']}"
-            if label == best_label:
-                rows.append(dict(family=teacher, curve=curve, nfe=p["nfe"], point=label, difference=0.0, lo=0.0,
-                                 hi=0.0, verdict="the teacher's best"))
-                continue
-            s = stated.loc[label]
-            s = s[s["b"] == best_label].iloc[0] if isinstance(s, pd.DataFrame) else s
-            rows.append(dict(family=teacher, curve=curve, nfe=p["nfe"], point=label, difference=s["difference"],
-                             lo=s["lo"], hi=s["hi"], verdict=s["verdict"]))
+            c = results.vs_best(canonical)
+            rows.append(dict(family=teacher, curve=p["model"] if p["sampler"] == "student" else f"{p['model']} / "
+                             f"{p['sampler']}", nfe=p["nfe"], point=results.label(canonical), difference=c.difference,
+                             lo=c.lo, hi=c.hi, verdict="the teacher's best" if best.is_point(p) else c.verdict))
         ends = [family["nfe"].min(), family["nfe"].max()]
         for _, f in results.floor.iterrows():
-            label = results.label(f)
-            s = stated[stated["b"] == best_label].loc[label]
+            c = results.vs_best(f, teacher)
             for nfe in ends:
-                rows.append(dict(family=teacher, curve=f"{f['model']} (floor)", nfe=nfe, point=label,
-                                 difference=s["difference"], lo=s["lo"], hi=s["hi"], verdict=s["verdict"]))
+                rows.append(dict(family=teacher, curve=f"{f['model']} (floor)", nfe=nfe, point=results.label(f),
+                                 difference=c.difference, lo=c.lo, hi=c.hi, verdict=c.verdict))
     return pd.DataFrame(rows, columns=["family", "curve", "nfe", "point", "difference", "lo", "hi", "verdict"])
 
 

@@ -15,15 +15,24 @@ def _rows(results, model, nfe):
     return rows[(rows["model"] == model) & (rows["nfe"] == nfe)]
 
 
-def _against(results, target, point):
-    """The points the target compares `point` with."""
+def point_of(results, target):
+    """The model's row the target is about, or None when the run has no such point."""
+    found = _rows(results, target.model, target.nfe)
+    return None if found.empty else found.iloc[0]
+
+
+def comparisons(results, target, point):
+    """[(label of what `point` is compared with, Comparison)] at the per-comparison level: the
+    target's part of the summary's family (pipeline.report.family)."""
     if target.than == "teacher_best":
-        return [results.best(results.teacher_rows(point["teacher"]))]
+        return [(" | ".join(dict.fromkeys(results.best(point["teacher"]).labels)), results.compare_best(point))]
     if target.than == "teacher_same_nfe":
         same = results.distinct(results.teacher_rows(point["teacher"]))
-        return [r for _, r in same[same["nfe"] == point["nfe"]].iterrows()]
-    nfe = point["nfe"] if target.than_nfe is None else target.than_nfe
-    return [r for _, r in _rows(results, target.than, nfe).iterrows()]
+        against = [r for _, r in same[same["nfe"] == point["nfe"]].iterrows()]
+    else:
+        nfe = point["nfe"] if target.than_nfe is None else target.than_nfe
+        against = [r for _, r in _rows(results, target.than, nfe).iterrows()]
+    return [(results.label(b), results.compare(point, b)) for b in against]
 
 
 def statement(target):
@@ -35,12 +44,11 @@ def statement(target):
 
 
 def check(results: Results, target):
-    """(statement, verdict, evidence): verdict met / missed / indistinguishable, or "not
-    evaluated" when the run has no such point."""
-    found = _rows(results, target.model, target.nfe)
-    if found.empty:
+    """(statement, verdict, evidence): verdict met / missed / indistinguishable at the summary's
+    family level (`results.critical`), or "not evaluated" when the run has no such point."""
+    point = point_of(results, target)
+    if point is None:
         return statement(target), "not evaluated", f"no {target.model} point at {target.nfe} NFE in this run"
-    point = found.iloc[0]
     if target.claim == "faster":
         over = cheapest_as_good(results, point)
         if over is None:
@@ -48,10 +56,9 @@ def check(results: Results, target):
         ratio = over["sec_per_sample"] / point["sec_per_sample"]
         return (statement(target), "met" if ratio >= target.by else "missed",
                 f"{ratio:.1f}x over {over['sampler']}@{over['nfe']} (FID {over['fid']:.3f})")
-    against = _against(results, target, point)
-    if not against:
+    verdicts = [(b, c.at(results.critical) if results.critical else c) for b, c in comparisons(results, target, point)]
+    if not verdicts:
         return statement(target), "not evaluated", f"nothing to compare {target.model}@{target.nfe} with"
-    verdicts = [(results.label(b), results.compare(point, b)) for b in against]
     evidence = "; ".join(f"vs {b}: {c.difference:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}] {c.verdict}" for b, c in verdicts)
     kinds = {c.verdict for _, c in verdicts}
     if target.claim == "not_worse":

@@ -31,7 +31,7 @@ def test_chain_writes_the_report(project):
     expected |= {("oracle", "x0"), ("input", "y")}  # the floor, scored like models
     assert set(zip(table["model"], table["sampler"])) == expected
     # Every point has its interval, and it contains the estimate.
-    for m in ("fid", "kid", "psnr", "ssim", "accuracy"):
+    for m in ("fid", "kid", "precision", "recall", "psnr", "ssim", "accuracy"):
         assert (table[f"{m}_lo"] <= table[m]).all() and (table[m] <= table[f"{m}_hi"]).all(), m
     oracle = table[table["model"] == "oracle"].iloc[0]
     assert oracle["fid"] < table[table["model"] == "diffusion"]["fid"].min()  # the floor is below the models
@@ -42,7 +42,10 @@ def test_chain_writes_the_report(project):
             } == set(verdicts["comparison"])
     across = verdicts[verdicts["comparison"] == "method vs method at the same NFE, other teacher"]
     assert {("cd/student@1", "ibmd/student@1"), ("cd/student@2", "cdbm/student@2")} <= set(zip(across["a"], across["b"]))
-    assert ((verdicts["verdict"] == "better") == (verdicts["hi"] < 0)).all()
+    lower = verdicts["metric"] == "fid"  # precision and recall: higher is better
+    assert ((verdicts["verdict"] == "better") == ((verdicts["hi"] < 0) & lower | (verdicts["lo"] > 0) & ~lower)).all()
+    assert set(verdicts["metric"]) == {"fid", "precision", "recall"} and verdicts[["p", "q"]].notna().all().all()
+    assert (verdicts["q"] >= verdicts["p"]).all()  # Benjamini-Hochberg only raises a p-value
     # One-call samplers reach the same 1-NFE sample: compared once, named together.
     assert verdicts["a"].str.startswith("diffusion/{").any() and not verdicts["a"].str.match(r"diffusion/\w+@1$").any()
     summary = (root / "results" / "summary.md").read_text()
@@ -65,7 +68,11 @@ def test_chain_writes_the_report(project):
     merged = drawn[drawn["verdict"] != "the teacher's best"].merge(stated, left_on="point", right_on="a")
     merged = merged[merged["b"].str.split("/").str[0] == merged["family"]]
     assert len(merged) == (drawn["verdict"] != "the teacher's best").sum()  # each drawn point is a stated one
-    assert (merged["difference_x"] == merged["difference_y"]).all() and (merged["lo_x"] == merged["lo_y"]).all()
+    assert (merged["difference_x"] == merged["difference_y"]).all()  # at the summary's level, not the list's
+    protocol = json.loads((root / "results" / "protocol.json").read_text())
+    assert protocol["sampling_seeds"] == params["evaluate"]["seeds"] and protocol["training_seeds"] == [params["seed"]]
+    assert protocol["evaluated_inputs"]["n"] == params["evaluate"]["n_samples"] and protocol["code_commit"]
+    assert "these verdicts do not include the variance of retraining" in summary
     headline = json.loads((root / "results" / "headline.json").read_text())
     assert set(headline) == set(params["evaluate"]["models"])
     assert all(set(h) == {"fewest_nfe", "fid", "teacher_best_fid", "speedup"} for h in headline.values())

@@ -25,10 +25,8 @@ def expected_readers(key):
     section, _, rest = key.partition(".")
     if section in ("tracking",) or key.startswith("distill.methods"):
         return set()
-    if section == "seed":
-        return {"prepare"} | TRAINING
-    if key == "data.n_reference":  # the summary's protocol line names the reference size
-        return {"prepare", "report"}
+    if section == "seed":  # the report's protocol.json names the students' training seed
+        return {"prepare", "report"} | TRAINING
     if section in ("data", "corruption"):
         return {"prepare"}
     if section == "report":
@@ -45,6 +43,8 @@ def expected_readers(key):
         return {"report"}
     if key in ("evaluate.n_samples", "evaluate.groups"):  # the floor is scored on the same inputs and groups
         return EVALUATIONS | {"floor"}
+    if key == "evaluate.grid":  # protocol.json names the grid convention
+        return EVALUATIONS | {"report"}
     return set(EVALUATIONS)
 
 

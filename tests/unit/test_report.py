@@ -11,13 +11,15 @@ import pytest
 
 from pipeline.evaluation.results import METRICS, point_key, write_evaluation
 from pipeline.report import write_report
+from pipeline.report.family import summary_critical, summary_family
 from pipeline.report.points import Results
 from pipeline.report.targets import check
 from pipeline.report.verdicts import answer, comparisons, fewest_nfe, pareto_front, speedups
 
 
 def write_folder(root, model, method, teacher, points, groups=10, seed=0, folder=None):
-    """An evaluation folder whose replicates are estimate + noise: {(sampler, nfe): (fid, spread, sec)}.
+    """An evaluation folder whose replicates are estimate + noise: {(sampler, nfe): (fid, spread, sec)},
+    on the whole of the inputs and on each half (the halves' replicates: every other group's).
     Every folder draws its noise from `seed`, so the noise is shared (paired) across folders."""
     rows, reps = [], {}
     for (sampler, nfe), (fid, spread, sec) in points.items():
@@ -25,12 +27,14 @@ def write_folder(root, model, method, teacher, points, groups=10, seed=0, folder
         rows.append({"model": model, "method": method, "teacher": teacher, "sampler": sampler, "nfe": nfe,
                      **{m: float("nan") for m in METRICS}, "fid": fid, "fid_lo": fid - 2 * spread,
                      "fid_hi": fid + 2 * spread, "sec_per_sample": sec})
-        reps[point_key(sampler, nfe)] = {"fid": list(r)}
+        reps[point_key(sampler, nfe)] = {"fid": list(r), "halves": {"fid": [
+            {"estimate": fid, "replicates": list(r[h::2])} for h in range(2)]}}
     write_evaluation(root / (folder or model), rows, reps, {}, {"n": 100, "groups": groups, "seeds": [1, 2]})
     return root / (folder or model)
 
 
 SHARED = 0.02
+INFO = {"extractor": "classifier", "fid_name": "classifier FID", "n_reference": 1000}  # the features stage's info.json
 
 
 @pytest.fixture
@@ -76,7 +80,7 @@ def test_the_same_sample_from_two_samplers_is_compared_once(folders):
 
 
 def test_the_answer_has_one_filled_row_per_model_teachers_first(folders, tmp_path):
-    write_report(folders, tmp_path / "out", "classifier FID", 1000)
+    write_report(folders, tmp_path / "out", INFO)
     summary = (tmp_path / "out" / "summary.md").read_text()
     sections = [line for line in summary.splitlines() if line.startswith("## ")]
     assert sections[0] == "## The answer"  # right after the title and the protocol
@@ -114,26 +118,31 @@ def test_targets_are_met_missed_or_indistinguishable(folders):
     assert verdict(model="mm", nfe=4, claim="faster", by=17.0) == "missed"
 
 
-def test_the_verdict_picture_draws_comparisons_csv(folders, tmp_path):
-    write_report(folders, tmp_path / "out", "classifier FID", 1000)
+def test_the_verdict_picture_draws_the_summarys_comparisons(folders, tmp_path):
+    write_report(folders, tmp_path / "out", INFO)
     rows = pd.read_csv(tmp_path / "out" / "verdicts.csv")
     stated = pd.read_csv(tmp_path / "out" / "comparisons.csv")
     stated = stated[stated["comparison"].isin(["vs teacher's best", "floor vs teacher's best"])]
     drawn = rows[rows["verdict"] != "the teacher's best"].merge(stated, left_on="point", right_on="a",
                                                                 suffixes=("", "_stated"))
     assert len(drawn) == (rows["verdict"] != "the teacher's best").sum()  # every drawn point is a stated one
-    for column in ("difference", "lo", "hi", "verdict"):
-        assert (drawn[column] == drawn[f"{column}_stated"]).all(), column
+    assert (drawn["difference"] == drawn["difference_stated"]).all()  # the same comparison, at another level
     assert set(stated["a"]) <= set(rows["point"])  # and every stated one is drawn
+    results = Results(folders)
+    results.critical = summary_critical(summary_family(results))
+    by_label = {results.label(r): r for _, r in results.models.iterrows()}
+    for _, row in rows[rows["curve"].str.contains("floor") == False].iterrows():  # noqa: E712
+        c = results.vs_best(by_label[row["point"]])
+        assert (c.lo, c.hi) == pytest.approx((row["lo"], row["hi"]), abs=0) or row["verdict"] == "the teacher's best"
     best = rows[rows["verdict"] == "the teacher's best"]
-    assert list(best["point"]) == ["diffusion/ddim@32"] and (best[["difference", "lo", "hi"]] == 0).all().all()
+    assert list(best["point"]) == ["diffusion/ddim@32"] and (best["difference"] == 0).all()
     # Both samplers' curves start at the shared 1-NFE point.
     assert set(rows.loc[rows["nfe"] == 1, "curve"]) >= {"diffusion / ddim", "diffusion / euler"}
     assert (tmp_path / "out" / "verdicts.png").stat().st_size > 0
 
 
 def test_headline_metrics_per_model(folders, tmp_path):
-    write_report(folders, tmp_path / "out", "classifier FID", 1000)
+    write_report(folders, tmp_path / "out", INFO)
     headline = json.loads((tmp_path / "out" / "headline.json").read_text())
     assert set(headline) == {"diffusion", "mm", "pd", "cd"}
     assert headline["mm"] == {"fewest_nfe": 4, "fid": 1.0, "teacher_best_fid": 1.0, "speedup": 16.0}
@@ -151,3 +160,29 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_answer_orders_students_by_the_nfe_they_need(folders):
     order = [e["model"] for e in answer(Results(folders))]
     assert order == ["diffusion", "cd", "mm", "pd"]  # cd reaches at 2 NFE, mm at 4, pd not at all
+
+
+def test_each_list_states_its_family_and_the_protocol_travels_with_it(folders, tmp_path):
+    write_report(folders, tmp_path / "out", INFO, grid="fair", training_seeds=[0], commit="abc")
+    stated = pd.read_csv(tmp_path / "out" / "comparisons.csv")
+    assert (stated["q"] >= stated["p"]).all() and stated[["p", "q"]].notna().all().all()
+    lower = stated["metric"] == "fid"
+    assert ((stated["verdict"] == "better") == ((stated["hi"] < 0) & lower | (stated["lo"] > 0) & ~lower)).all()
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert protocol["evaluated_inputs"] == {"split": "test", "n": 100, "jackknife_groups": 10}
+    assert protocol["sampling_seeds"] == [1, 2] and protocol["training_seeds"] == [0]
+    assert protocol["reference"]["n"] == 1000 and protocol["code_commit"] == "abc"
+    assert "simultaneous 95 %" in protocol["verdict_families"]["summary"]
+    assert "false discovery rate 5 %" in protocol["verdict_families"]["comparisons"]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert protocol["verdict_families"]["summary"] in summary
+    assert "One training seed (0): these verdicts do not include the variance of retraining." in summary
+    write_report(folders, tmp_path / "three", INFO, training_seeds=[0, 1, 2])
+    assert "do not include the variance of retraining" not in (tmp_path / "three" / "summary.md").read_text()
+
+
+def test_protocol_differences_name_what_differs_but_not_the_code():
+    from pipeline.report.protocol import differences
+    a = {"sampling_seeds": [1, 2, 3], "grid": "fair", "code_commit": "abc"}
+    assert differences(a, {**a, "code_commit": "def"}) == {}
+    assert differences(a, {**a, "sampling_seeds": [4, 5, 6]}) == {"sampling_seeds": ([1, 2, 3], [4, 5, 6])}

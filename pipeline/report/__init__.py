@@ -36,10 +36,8 @@ def write_report(folders, out, info, bridge_style=None, targets=(), grid="fair",
     results.critical = summary_critical(family)  # every summary verdict below is at this level
     verdicts, fdr = false_discovery(comparisons(results), df=results.protocol["groups"] - 1)
     entries, rows = answer(results), verdict_rows(results)
-    families = {"summary": f"simultaneous 95 % over its {len(family)} comparisons (max-|t| critical value "
-                           f"{results.critical:.3f})",
-                "comparisons": f"false discovery rate 5 % over {len(verdicts)} comparisons (Benjamini-Hochberg; "
-                               f"intervals at {100 * fdr:.3g} %)"}
+    levels = {"summary": {"comparisons": len(family), "critical_value": results.critical},
+              "comparisons": {"comparisons": len(verdicts), "interval_level": fdr}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"fid_vs_nfe.csv": results.table, "fid_vs_nfe_curves.csv": plot_rows(results.table),
@@ -52,7 +50,7 @@ def write_report(folders, out, info, bridge_style=None, targets=(), grid="fair",
         plot_fid_vs_nfe(results, tmp, fid_name)
     with atomic_path(out / "verdicts.png") as tmp:
         plot_verdicts(rows, tmp, fid_name)
-    protocol = run_protocol(results, info, grid, training_seeds, families, commit)
+    protocol = run_protocol(results, info, grid, training_seeds, levels, commit)
     texts = {"summary.md": summary_markdown(results, entries, [check(results, t) for t in targets], protocol,
                                             bridge_style, verdicts),
              "comparisons.md": comparisons_markdown(results, verdicts, protocol),

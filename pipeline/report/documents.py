@@ -35,7 +35,8 @@ def protocol_lines(results: Results, protocol):
     """The protocol in a few lines (protocol.json holds all of it)."""
     nfe = sorted(results.models["nfe"].unique())
     seeds = ", ".join(map(str, protocol["sampling_seeds"])) or "one"
-    inputs, families = protocol["evaluated_inputs"], protocol["verdict_families"]
+    inputs, levels = protocol["evaluated_inputs"], protocol["family_levels"]
+    summary, listed = levels["summary"], levels["comparisons"]
     lines = [
         f"**{protocol['extractor']['fid_name']}** of {inputs['n']} evaluated test inputs' samples against "
         f"{protocol['reference']['n']} reference images, the mean over sampling seeds {seeds}; intervals from "
@@ -45,7 +46,9 @@ def protocol_lines(results: Results, protocol):
         "CDBM's call at T that boots its ODE).",
         "The teacher's best point is chosen on one half of the inputs and compared on the other. A point is "
         "*not worse* than another when the interval of their paired FID difference does not lie above zero.",
-        f"Verdicts here: {families['summary']}; in comparisons.md: {families['comparisons']} (docs/evaluation.md).",
+        f"Verdicts here hold jointly at 95 % over their {summary['comparisons']} comparisons (critical value "
+        f"{summary['critical_value']:.3f} standard errors); comparisons.md holds a false discovery rate of 5 % over "
+        f"its {listed['comparisons']} (docs/evaluation.md, \"Many comparisons\").",
     ]
     if len(protocol["training_seeds"]) == 1:
         lines.append(f"One training seed ({protocol['training_seeds'][0]}): these verdicts do not include the "
@@ -92,7 +95,8 @@ def comparisons_markdown(results: Results, verdicts, protocol):
     parts = [
         f"# Every comparison ({protocol['extractor']['fid_name']})\n\n`difference` is metric(a) - metric(b) "
         "(paired: the same inputs and seeds), against the teacher's best at half the inputs (chosen on the other "
-        f"half); its interval and verdict are at the list's level: {protocol['verdict_families']['comparisons']}. "
+        "half); its interval and verdict are at the list's level: a false discovery rate of 5 % (Benjamini-"
+        f"Hochberg; intervals at {100 * protocol['family_levels']['comparisons']['interval_level']:.3g} %). "
         "`p` is the comparison's own two-sided p-value, `q` its Benjamini-Hochberg adjusted one; `better` means a "
         "is better beyond the interval (lower FID, higher precision or recall). Samplers that reach the same "
         "sample are compared once, named together in braces" + (f" ({', '.join(same)})." if same else "."),

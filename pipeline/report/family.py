@@ -38,8 +38,7 @@ def summary_family(results, targets=()):
 
 def summary_critical(family, level=LEVEL):
     """The critical value t* of simultaneous `level` intervals d +- t* se for the family."""
-    reps = np.array([c.replicates for c in family if c.se > 0])
-    return simultaneous_critical(reps, level) if len(reps) else None
+    return simultaneous_critical(np.array([c.replicates for c in family]), level) if family else None
 
 
 def false_discovery(table, df, q=1 - LEVEL):

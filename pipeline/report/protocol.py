@@ -18,8 +18,13 @@ CHECKPOINT_RULE = ("every model is its training stage's final weights (the EMA w
                    "checkpoint is chosen by an evaluation metric")
 TEACHER_BEST_RULE = ("chosen on each half of the evaluated inputs (jackknife groups by parity) and compared on the "
                      "other half")
-# Fields that describe the code, not the measurement: they may differ between comparable runs.
-CODE_FIELDS = ("code_commit",)
+VERDICT_FAMILIES = {  # pipeline.report.family
+    "summary": "simultaneous 95 % (max-|t| over the family: every point against its teacher's best, the targets)",
+    "comparisons": "false discovery rate 5 % (Benjamini-Hochberg; false-coverage-rate intervals)",
+}
+# Fields that describe the code or the run's outcome, not how it was measured: they differ
+# between comparable runs.
+NOT_PROTOCOL = ("code_commit", "family_levels")
 
 
 def code_commit(root="."):
@@ -33,10 +38,10 @@ def code_commit(root="."):
         return None
 
 
-def run_protocol(results, info, grid, training_seeds, families, commit):
+def run_protocol(results, info, grid, training_seeds, levels, commit):
     """The protocol of a run's report: `results` (points.Results), `info` (the features stage's
     info.json), the sampling grid convention, the students' training seeds, the verdict
-    families' rules (`families`: {list: rule}) and the code commit."""
+    families' sizes and levels in this run (`levels`: {list: {...}}) and the code commit."""
     p = results.protocol
     return {
         "extractor": {"name": info["extractor"], "fid_name": info["fid_name"],
@@ -48,7 +53,8 @@ def run_protocol(results, info, grid, training_seeds, families, commit):
         "grid": grid,
         "checkpoint_rule": CHECKPOINT_RULE,
         "teacher_best": TEACHER_BEST_RULE,
-        "verdict_families": families,
+        "verdict_families": VERDICT_FAMILIES,
+        "family_levels": levels,
         "code_commit": commit,
     }
 
@@ -59,6 +65,6 @@ def read(path):
     return json.loads((path / "protocol.json" if path.is_dir() else path).read_text())
 
 
-def differences(a, b, ignore=CODE_FIELDS):
+def differences(a, b, ignore=NOT_PROTOCOL):
     """{field: (a's, b's)} for every measurement field in which two protocols differ."""
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}

@@ -1,9 +1,11 @@
 """notebooks/compare.ipynb: committed without outputs, and executed headless top to bottom
 against a small fake results tree (points with intervals, the floor rows, the report's
-comparisons and summary, no MLflow runs, one sweep) and, slow, against the smoke project
-after `dvc repro`."""
+comparisons, summary and protocol, no MLflow runs, one sweep, another run to compare with)
+and, slow, against the smoke project after `dvc repro`."""
 import json
+import math
 import re
+import shutil
 import sqlite3
 
 import nbformat
@@ -11,9 +13,11 @@ import pandas as pd
 import pytest
 import torch
 from nbconvert.preprocessors import ExecutePreprocessor
+from scipy import stats
 from torchvision.utils import save_image
 
 from pipeline.evaluation.results import COLUMNS
+from pipeline.report.protocol import CHECKPOINT_RULE, TEACHER_BEST_RULE, VERDICT_FAMILIES, differences
 from tests.conftest import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "compare.ipynb"
@@ -51,11 +55,11 @@ def pareto_models(text, title="Pareto front over NFE"):
 
 
 def verdict_blocks(text):
-    """{comparison kind: (count, verdict counts, its table)} as section 5 prints them: a
-    `<kind> (<n>): <counts>` line, then the table, blocks separated by a blank line."""
-    parts = re.split(r"\n(.+) \((\d+)\): (.+)\n", text)
-    return {kind: (int(n), counts, body.split("\n\n")[0])
-            for kind, n, counts, body in zip(parts[1::4], parts[2::4], parts[3::4], parts[4::4])}
+    """{(comparison kind, metric): (count, verdict counts, its table)} as section 5 prints them: a
+    `<kind>, on <metric> (<n>): <counts>` line, then the table, blocks separated by a blank line."""
+    parts = re.split(r"\n(.+), on (\w+) \((\d+)\): (.+)\n", text)
+    return {(kind, metric): (int(n), counts, body.split("\n\n")[0]) for kind, metric, n, counts, body
+            in zip(parts[1::5], parts[2::5], parts[3::5], parts[4::5], parts[5::5])}
 
 
 def snapshot(root):
@@ -75,15 +79,19 @@ def test_committed_notebook_has_no_outputs():
 # `mm` (from diffusion, 2 and 4 NFE), `pd` (from diffusion, 4 NFE) and `ibmd` (from bridge,
 # 1 NFE), and the floor stage's `oracle` and `input` rows (NFE 0, no sampling time). FIDs
 # chosen so that the Pareto front over NFE is ibmd@1, mm@2, diffusion/euler@4 (the oracle,
-# at FID 1, would head it if the floor rows were not excluded).
+# at FID 1, would head it if the floor rows were not excluded). Precision and recall per
+# model, at every NFE: mm trades diversity for fidelity (higher precision, lower recall).
 POINTS = [("diffusion", "teacher", "diffusion", s, n, f) for s, fids in
           {"ddim": [9.0, 6.0, 3.0], "euler": [9.5, 5.0, 2.0]}.items() for n, f in zip([1, 2, 4], fids)]
 POINTS += [("bridge", "teacher", "bridge", "posterior", n, f) for n, f in zip([1, 2, 4], [8.0, 5.5, 2.5])]
 POINTS += [("mm", "mm", "diffusion", "student", 2, 3.5), ("mm", "mm", "diffusion", "student", 4, 2.2),
            ("pd", "pd", "diffusion", "student", 4, 2.3), ("ibmd", "ibmd", "bridge", "student", 1, 4.0)]
 FLOOR = [("oracle", "reference", "", "x0", 0, 1.0), ("input", "reference", "", "y", 0, 6.0)]
-HALF_WIDTH = 0.25  # of every paired difference's 95 % interval in comparisons.csv
-COMPARISON_COLUMNS = ["comparison", "a", "b", "fid_a", "fid_b", "difference", "lo", "hi", "verdict"]
+PRECISION_RECALL = {"diffusion": (0.7, 0.6), "bridge": (0.65, 0.55), "mm": (0.8, 0.45), "pd": (0.7, 0.6),
+                    "ibmd": (0.72, 0.5), "oracle": (0.75, 0.75), "input": (0.1, 0.05)}
+HALF_WIDTH = {"fid": 0.25, "precision": 0.02, "recall": 0.02}  # of every paired difference's interval
+COMPARISON_COLUMNS = ["comparison", "a", "b", "metric", "value_a", "value_b", "difference", "se", "lo", "hi",
+                      "verdict", "p", "q"]
 
 
 def fid_table():
@@ -95,6 +103,9 @@ def fid_table():
     table.loc[table["model"] == "oracle", ["fid_lo", "fid_hi"]] = [-0.5, 2.5]
     for m, v in {"kid": 0.1, "psnr": 20.0, "ssim": 0.8, "accuracy": 0.9}.items():
         table = table.assign(**{m: v, f"{m}_lo": 0.9 * v, f"{m}_hi": 1.1 * v})
+    for i, m in enumerate(["precision", "recall"]):
+        v = table["model"].map(lambda model: PRECISION_RECALL[model][i])
+        table = table.assign(**{m: v, f"{m}_lo": v - 0.05, f"{m}_hi": v + 0.05})
     table["sec_per_sample"] = table["nfe"] * 1e-3 * ~floor
     return table[list(COLUMNS)]
 
@@ -104,18 +115,22 @@ def name(row):
 
 
 def comparisons(table):
-    """comparisons.csv as the report states them (docs/evaluation.md, 'Paired verdicts'):
-    every point against its teacher's best, every student point against each teacher sampler
-    at the same NFE, students of one teacher against each other at the same NFE (in the
-    report's order, the last two kinds interleaved), each difference +- HALF_WIDTH."""
+    """comparisons.csv as the report states them (docs/evaluation.md, 'Paired verdicts'): on FID,
+    every point and the floor against its teacher's best (one point, both halves' choice); at
+    the same NFE on FID, precision and recall, every student point against each teacher sampler
+    and students of one teacher against each other (in the report's order, the last two kinds
+    interleaved). Each difference +- HALF_WIDTH, its two-sided p-value, and q (Benjamini-Hochberg)."""
     models = table[table["method"] != "reference"]
     rows = []
 
-    def add(kind, a, b):
-        d = a.fid - b.fid
-        lo, hi = d - HALF_WIDTH, d + HALF_WIDTH
-        verdict = "better" if hi < 0 else "worse" if lo > 0 else "indistinguishable"
-        rows.append([kind, name(a), name(b), a.fid, b.fid, d, lo, hi, verdict])
+    def add(kind, a, b, metric="fid"):
+        value_a, value_b, half = getattr(a, metric), getattr(b, metric), HALF_WIDTH[metric]
+        d, se = value_a - value_b, half / 1.96
+        lo, hi = d - half, d + half
+        better, worse = (hi < 0, lo > 0) if metric == "fid" else (lo > 0, hi < 0)
+        verdict = "better" if better else "worse" if worse else "indistinguishable"
+        rows.append([kind, name(a), name(b), metric, value_a, value_b, d, se, lo, hi, verdict,
+                     math.erfc(abs(d) / se / math.sqrt(2))])
 
     def teacher(model):
         return models[(models["method"] == "teacher") & (models["model"] == model)]
@@ -125,18 +140,40 @@ def comparisons(table):
         for point in models[(models["model"] == t) | (models["teacher"] == t)].itertuples():
             if name(point) != name(best):
                 add("vs teacher's best", point, best)
+        for floor in table[table["method"] == "reference"].itertuples():
+            add("floor vs teacher's best", floor, best)
     students = models[models["method"] != "teacher"]
     for st in students.itertuples():
         same = teacher(st.teacher)
-        for t in same[same["nfe"] == st.nfe].itertuples():
-            add("vs teacher at the same NFE", st, t)
-        for other in students[(students["nfe"] == st.nfe) & (students["model"] > st.model)].itertuples():
-            add("method vs method at the same NFE" + ("" if other.teacher == st.teacher else ", other teacher"),
-                st, other)
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+        for metric in ("fid", "precision", "recall"):
+            for t in same[same["nfe"] == st.nfe].itertuples():
+                add("vs teacher at the same NFE", st, t, metric)
+            for other in students[(students["nfe"] == st.nfe) & (students["model"] > st.model)].itertuples():
+                add("method vs method at the same NFE" + ("" if other.teacher == st.teacher else ", other teacher"),
+                    st, other, metric)
+    out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-1])
+    return out.assign(q=stats.false_discovery_control(out["p"]))
 
 
-def summary(table, verdicts):
+def protocol(verdicts):
+    """protocol.json as the report writes it (pipeline/report/protocol.py)."""
+    return {
+        "extractor": {"name": "classifier", "fid_name": "classifier FID", "input": "the samples as drawn"},
+        "evaluated_inputs": {"split": "test", "n": 100, "jackknife_groups": 10},
+        "reference": {"split": "reference", "n": 200},
+        "sampling_seeds": [0, 1],
+        "training_seeds": [0],
+        "grid": "fair",
+        "checkpoint_rule": CHECKPOINT_RULE,
+        "teacher_best": TEACHER_BEST_RULE,
+        "verdict_families": VERDICT_FAMILIES,
+        "family_levels": {"summary": {"comparisons": 11, "critical_value": 2.7},
+                          "comparisons": {"comparisons": len(verdicts), "interval_level": 0.988}},
+        "code_commit": "c663c10",
+    }
+
+
+def summary(table, verdicts, protocol):
     """summary.md as the report opens it: the protocol, then per model (the teachers first)
     the fewest NFE whose comparison with the teacher's best point is not 'worse' (the best
     point itself: a difference of 0), then another section."""
@@ -154,7 +191,11 @@ def summary(table, verdicts):
                 break
         else:
             lines.append(f"| {model} | not reached up to {points['nfe'].max()} | | |")
-    return ("# How few network evaluations does each model need?\n\nclassifier FID of 100 inputs.\n\n"
+    return ("# How few network evaluations does each model need?\n\n**classifier FID** of 100 evaluated test "
+            "inputs' samples against 200 reference images.  \nVerdicts here hold jointly at 95 % over their 11 "
+            "comparisons; comparisons.md holds a false discovery rate of 5 %.  \n"
+            "One training seed (0): these verdicts do not include "
+            "the variance of retraining.\n\n"
             "## The answer\n\nTeachers first.\n\n" + "\n".join(lines)
             + "\n\n## Targets\n\n| target | verdict |\n|---|---|\n| next | section |\n")
 
@@ -176,21 +217,23 @@ def verdict_rows(table, verdicts):
         oracle = table[table["model"] == "oracle"].iloc[0]
         for nfe in (members["nfe"].min(), members["nfe"].max()):
             d = oracle["fid"] - best["fid"]
-            rows.append([family, "oracle (floor)", nfe, "oracle/x0@0", d, d - HALF_WIDTH, d + HALF_WIDTH, "better"])
+            rows.append([family, "oracle (floor)", nfe, "oracle/x0@0", d, d - HALF_WIDTH["fid"], d + HALF_WIDTH["fid"],
+                         "better"])
     return pd.DataFrame(rows, columns=["family", "curve", "nfe", "point", "difference", "lo", "hi", "verdict"])
 
 
 def write_results(root):
-    """fid_vs_nfe.csv, comparisons.csv, summary.md, grids as the evaluate stage writes them
-    (save_image, nrow = samples, padding 1, rows y, x0, then one per sampler; the floor has
-    none), and one sweep."""
+    """fid_vs_nfe.csv, comparisons.csv, summary.md, verdicts.csv and protocol.json as the report
+    writes them, grids as the evaluate stage does (save_image, nrow = samples, padding 1, rows y,
+    x0, then one per sampler; the floor has none), and one sweep."""
     table = fid_table()
     verdicts = comparisons(table)
     results = root / "results"
     results.mkdir(parents=True)
     table.to_csv(results / "fid_vs_nfe.csv", index=False)
     verdicts.to_csv(results / "comparisons.csv", index=False)
-    (results / "summary.md").write_text(summary(table, verdicts))
+    (results / "summary.md").write_text(summary(table, verdicts, protocol(verdicts)))
+    (results / "protocol.json").write_text(json.dumps(protocol(verdicts), indent=2) + "\n")
     verdict_rows(table, verdicts).to_csv(results / "verdicts.csv", index=False)
     g = torch.Generator().manual_seed(0)
     for model, points in table[table["method"] != "reference"].groupby("model"):
@@ -215,13 +258,39 @@ def write_results(root):
         "config": {"distill.ibmd.train.lr": 1e-3, "distill.ibmd.aux_updates": 5}, "command": SWEEP_COMMAND}))
 
 
-@pytest.mark.parametrize("store", ["empty", "missing"])
-def test_notebook_on_a_fake_project_without_mlflow_runs(tmp_path, monkeypatch, store):
+def other_run(root, tmp_path, other):
+    """Another run to compare with (PIPELINE_COMPARE): a copy of the project whose protocol
+    differs in its code commit, in its sampling seeds too, or that this run's lacks (an older
+    report). Returns the folder to name and the two protocols (this run's: None if removed)."""
+    shutil.copytree(root, tmp_path / "other")
+    ours = json.loads((root / "results" / "protocol.json").read_text())
+    theirs = ours | {"code_commit": "0000000+changes"}
+    if other == "other seeds":
+        theirs["sampling_seeds"] = [0, 1, 2]
+    (tmp_path / "other" / "results" / "protocol.json").write_text(json.dumps(theirs))
+    if other == "no protocol":
+        (root / "results" / "protocol.json").unlink()
+        ours = None
+    folder = tmp_path / "other"
+    return (folder / "results" if other == "other seeds" else folder), ours, theirs  # either names a run
+
+
+def p_q(verdicts, a, b, metric):
+    """The p and q cells of one comparison, as the notebook prints them."""
+    row = verdicts[(verdicts["a"] == a) & (verdicts["b"] == b) & (verdicts["metric"] == metric)].iloc[0]
+    return rf"\s+{re.escape(f'{row.p:.4g}')}\s+{re.escape(f'{row.q:.4g}')}\s+"
+
+
+@pytest.mark.parametrize("store, other", [("empty", "same protocol"), ("missing", "other seeds"),
+                                          ("missing", "no protocol")])
+def test_notebook_on_a_fake_project_without_mlflow_runs(tmp_path, monkeypatch, store, other):
     root, db = tmp_path / "project", tmp_path / "mlflow.db"
     write_results(root)
+    compare, ours, theirs = other_run(root, tmp_path, other)
     if store == "empty":
         sqlite3.connect(db).close()  # an empty file: MLflow finds no experiment in it
     monkeypatch.setenv("PIPELINE_PROJECT", str(root))
+    monkeypatch.setenv("PIPELINE_COMPARE", str(compare))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     before = snapshot(root)
     found = sections(execute(NOTEBOOK, tmp_path))  # cwd outside the project: PIPELINE_PROJECT decides
@@ -231,8 +300,23 @@ def test_notebook_on_a_fake_project_without_mlflow_runs(tmp_path, monkeypatch, s
     text = section(found, "Sources")[0]
     assert "MLflow note" in text
     assert f"{len(POINTS)} points and {len(FLOOR)} floor rows" in text
-    assert re.search(r"oracle\s+x0\s+1 \[-0\.5, 2\.5\]\s+0\.1 \[0\.09, 0\.11\]", text), text
+    assert re.search(r"oracle\s+x0\s+1 \[-0\.5, 2\.5\]\s+0\.1 \[0\.09, 0\.11\]\s+0\.75 \[0\.7, 0\.8\]", text), text
     assert re.search(r"mm\s+mm\s+diffusion\s+1\s+2,4\s+student\s+4\s+2\.2 \[1\.9, 2\.5\]", text), text
+
+    text = section(found, "The protocol")[0]
+    if ours is None:
+        assert "protocol note: no " in text and "this run has no protocol.json; the protocols are not compared" in text
+    else:
+        assert "sampling_seeds: 0, 1\n" in text and "    fid_name: classifier FID\n" in text, text
+        assert "One training seed (0): these verdicts do not include the variance of retraining." in text
+        differ = differences(ours, theirs)  # the report's rule: the code commit is not compared
+        assert list(differ) == ([] if other == "same protocol" else ["sampling_seeds"])
+        if differ:
+            named = text.split("the protocols differ in 1 field(s)")[1].splitlines()[1:]
+            assert [line.split(":")[0].strip() for line in named if line.strip()] == list(differ), text
+            assert "  sampling_seeds: this run 0, 1 | the other 0, 1, 2" in text and "protocols agree" not in text
+        else:
+            assert "protocols agree" in text and "the protocols differ" not in text
 
     text, images = section(found, "1.")
     assert images == 1 and pareto_models(text) == ["ibmd", "mm", "diffusion"]  # the floor rows are not on it
@@ -251,27 +335,52 @@ def test_notebook_on_a_fake_project_without_mlflow_runs(tmp_path, monkeypatch, s
 
     text, _ = section(found, "5.")
     assert "excludes 0" in text and "student / teacher" not in text  # paired verdicts, not ratios
+    assert ("false discovery rate 5 %, intervals at 98.8 %" in text) == (ours is not None)  # the level, as stated
     blocks = verdict_blocks(text)
-    assert list(blocks) == ["vs teacher's best", "vs teacher at the same NFE", "method vs method at the same NFE"]
-    assert [b[:2] for b in blocks.values()] == [(11, "indistinguishable 1, worse 10"),
-                                                (7, "better 5, indistinguishable 1, worse 1"),
-                                                (1, "indistinguishable 1")]
+    same, pair = "vs teacher at the same NFE", "method vs method at the same NFE"
+    assert {kind_metric: block[:2] for kind_metric, block in blocks.items()} == {  # in this order: FID first
+        ("vs teacher's best", "fid"): (11, "indistinguishable 1, worse 10"),
+        ("floor vs teacher's best", "fid"): (4, "better 2, worse 2"),
+        (same, "fid"): (7, "better 5, indistinguishable 1, worse 1"),
+        (same, "precision"): (7, "better 5, indistinguishable 2"),
+        (same, "recall"): (7, "indistinguishable 2, worse 5"),
+        (pair, "fid"): (1, "indistinguishable 1"),
+        (pair, "precision"): (1, "better 1"),
+        (pair, "recall"): (1, "worse 1")}
+    assert list(blocks) == [("vs teacher's best", "fid"), ("floor vs teacher's best", "fid"), (same, "fid"),
+                            (same, "precision"), (same, "recall"), (pair, "fid"), (pair, "precision"), (pair, "recall")]
     assert all(len(table.splitlines()) == 1 + n for n, _, table in blocks.values())  # header + one row each
-    same_nfe = blocks["vs teacher at the same NFE"][2]
-    assert re.search(r"mm/student@4\s+diffusion/euler@4\s+2\.2\s+2\s+\+0\.2 \[-0\.05, \+0\.45\]\s+indistinguishable",
-                     same_nfe), same_nfe
-    assert re.search(r"pd/student@4\s+diffusion/euler@4\s+2\.3\s+2\s+\+0\.3 \[\+0\.05, \+0\.55\]\s+worse", same_nfe)
-    assert re.search(r"ibmd/student@1\s+bridge/posterior@1\s+4\s+8\s+-4 \[-4\.25, -3\.75\]\s+better", same_nfe)
-    assert re.search(r"mm/student@4\s+pd/student@4\s+2\.2\s+2\.3\s+-0\.1 \[-0\.35, \+0\.15\]\s+indistinguishable",
-                     blocks["method vs method at the same NFE"][2])
+    assert all(re.search(rf"{m}\(a\)\s+{m}\(b\)\s+{m}\(a\) - {m}\(b\) \[interval\]\s+p\s+q\s+verdict$",
+                         table.splitlines()[0]) for (_, m), (_, _, table) in blocks.items())
+    verdicts = comparisons(fid_table())
+    same_nfe = blocks[(same, "fid")][2]
+    assert re.search(r"mm/student@4\s+diffusion/euler@4\s+2\.2\s+2\s+\+0\.2 \[-0\.05, \+0\.45\]"
+                     + p_q(verdicts, "mm/student@4", "diffusion/euler@4", "fid") + "indistinguishable", same_nfe)
+    assert re.search(r"pd/student@4\s+diffusion/euler@4\s+2\.3\s+2\s+\+0\.3 \[\+0\.05, \+0\.55\]\s+\S+\s+\S+\s+worse",
+                     same_nfe)
+    assert re.search(r"ibmd/student@1\s+bridge/posterior@1\s+4\s+8\s+-4 \[-4\.25, -3\.75\]\s+\S+\s+\S+\s+better",
+                     same_nfe)
+    assert re.search(r"mm/student@4\s+pd/student@4\s+2\.2\s+2\.3\s+-0\.1 \[-0\.35, \+0\.15\]\s+\S+\s+\S+\s+"
+                     "indistinguishable", blocks[(pair, "fid")][2])
+    # higher is better for precision and recall: mm gains fidelity and loses diversity
+    assert re.search(r"mm/student@4\s+pd/student@4\s+0\.8\s+0\.7\s+\+0\.1 \[\+0\.08, \+0\.12\]"
+                     + p_q(verdicts, "mm/student@4", "pd/student@4", "precision") + "better",
+                     blocks[(pair, "precision")][2])
+    assert re.search(r"mm/student@4\s+pd/student@4\s+0\.45\s+0\.6\s+-0\.15 \[-0\.17, -0\.13\]\s+\S+\s+\S+\s+worse",
+                     blocks[(pair, "recall")][2])
+    assert re.search(r"oracle/x0@0\s+diffusion/euler@4\s+1\s+2\s+-1 \[-1\.25, -0\.75\]\s+\S+\s+\S+\s+better",
+                     blocks[("floor vs teacher's best", "fid")][2])
     reach = text.split("The answer (results/summary.md):")[1]
     assert re.search(r"mm\s+4\s+2\.200 \[1\.900, 2\.500\]\s+\+0\.200 \[-0\.050, \+0\.450\]", reach), reach
     assert [line.split()[0] for line in reach.strip().splitlines()[1:]] == ["bridge", "diffusion", "ibmd", "mm", "pd"]
     assert "next" not in reach  # one row per model; the next section not read
     text, images = section(found, "6.")
     assert images == 1 and "mm: 4" in text and "pd" not in text.split("fewest NFE):")[1]  # pd is worse everywhere
-    markdown = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.source.startswith("## 5."))
-    assert "excludes 0" in markdown
+    assert ("bands: the summary's family, simultaneous 95 %" in text) == (ours is not None)
+    markdown = {c.source[3:5]: c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                if c.source.startswith(("## 5.", "## 6."))}
+    assert "excludes 0" in markdown["5."] and "false discovery rate" in markdown["5."]
+    assert "the summary's intervals, simultaneous 95 %" in markdown["6."]
 
 
 @pytest.mark.slow
@@ -279,6 +388,7 @@ def test_notebook_on_the_smoke_project(project, monkeypatch):
     root, env = project
     monkeypatch.setenv("PIPELINE_PROJECT", str(root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # the smoke chain's server
+    monkeypatch.delenv("PIPELINE_COMPARE", raising=False)
     found = sections(execute(root / "notebooks" / "compare.ipynb", root / "notebooks"))
 
     table = pd.read_csv(root / "results" / "fid_vs_nfe.csv")
@@ -289,6 +399,9 @@ def test_notebook_on_the_smoke_project(project, monkeypatch):
     assert "group 'smoke'" in text and "only in the CSV: 0 | only in MLflow: 0" in text  # the floor runs too
     assert float(re.search(r"max \|fid\(CSV\) - fid\(MLflow\)\| = (\S+)", text).group(1)) < 1e-9
     assert float(re.search(r"over fid_lo, fid_hi = (\S+)", text).group(1)) < 1e-9
+    text = section(found, "The protocol")[0]
+    protocol = json.loads((root / "results" / "protocol.json").read_text())
+    assert "protocol note" not in text and f"sampling_seeds: {', '.join(map(str, protocol['sampling_seeds']))}" in text
     text, images = section(found, "1.")
     assert images == 1 and pareto_models(text) and set(pareto_models(text)) <= set(models["model"])
     assert "floor lines: oracle (x0)" in text
@@ -303,7 +416,9 @@ def test_notebook_on_the_smoke_project(project, monkeypatch):
     text = section(found, "5.")[0]
     verdicts = pd.read_csv(root / "results" / "comparisons.csv")
     blocks = verdict_blocks(text)
-    assert {k: n for k, (n, _, _) in blocks.items()} == verdicts["comparison"].value_counts().to_dict()
+    assert {k: n for k, (n, _, _) in blocks.items()} == verdicts.groupby(["comparison", "metric"]).size().to_dict()
+    kinds = list(dict.fromkeys(verdicts["comparison"]))
+    assert list(blocks) == sorted(blocks, key=lambda km: (kinds.index(km[0]), km[1] != "fid", km[1]))  # FID first
     assert all(m in text for m in students["model"].unique())
     assert "The answer (results/summary.md):" in text
     text, images = section(found, "6.")

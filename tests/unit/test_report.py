@@ -175,7 +175,8 @@ def test_each_list_states_its_family_and_the_protocol_travels_with_it(folders, t
     assert "simultaneous 95 %" in protocol["verdict_families"]["summary"]
     assert "false discovery rate 5 %" in protocol["verdict_families"]["comparisons"]
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert protocol["verdict_families"]["summary"] in summary
+    assert protocol["family_levels"]["summary"]["comparisons"] == 8  # every distinct model point; no target
+    assert "hold jointly at 95 % over their 8 comparisons" in summary
     assert "One training seed (0): these verdicts do not include the variance of retraining." in summary
     write_report(folders, tmp_path / "three", INFO, training_seeds=[0, 1, 2])
     assert "do not include the variance of retraining" not in (tmp_path / "three" / "summary.md").read_text()
@@ -184,5 +185,5 @@ def test_each_list_states_its_family_and_the_protocol_travels_with_it(folders, t
 def test_protocol_differences_name_what_differs_but_not_the_code():
     from pipeline.report.protocol import differences
     a = {"sampling_seeds": [1, 2, 3], "grid": "fair", "code_commit": "abc"}
-    assert differences(a, {**a, "code_commit": "def"}) == {}
+    assert differences(a, {**a, "code_commit": "def", "family_levels": {"summary": {"critical_value": 2.9}}}) == {}
     assert differences(a, {**a, "sampling_seeds": [4, 5, 6]}) == {"sampling_seeds": ([1, 2, 3], [4, 5, 6])}

@@ -7,7 +7,7 @@ all equal in truth. Choosing the lowest of the teacher points and comparing the 
 it on the same samples makes the student look worse (the winner's curse: the naive rule,
 written here as the broken variant); choosing on one half of the inputs and comparing on the
 other does not, and its interval covers the true difference, 0, at about its level. The
-replicates are checked against a recomputation of the whole procedure without each group.
+replicates are checked against a recomputation without each group, the choices held.
 """
 import numpy as np
 import pytest
@@ -51,7 +51,7 @@ def test_the_cross_fitted_best_is_not_optimistically_biased_and_its_interval_cov
     se_c, se_n = crossfit.std() / SIMULATIONS ** 0.5, naive_d.std() / SIMULATIONS ** 0.5
     assert abs(crossfit.mean()) < 3 * se_c  # no bias beyond Monte Carlo error
     assert naive_d.mean() > 10 * se_n  # the naive rule's bias is large and certain: the student looks worse
-    assert covered / SIMULATIONS >= 0.90  # about its 95 % (a jackknife of a choice is approximate)
+    assert 0.90 <= covered / SIMULATIONS <= 0.985  # about its 95 %: neither too narrow nor the argmin's 99 %
 
 
 def test_a_truly_better_teacher_point_is_chosen_on_both_halves():
@@ -61,7 +61,7 @@ def test_a_truly_better_teacher_point_is_chosen_on_both_halves():
     assert chosen == (10, 10)
 
 
-def test_the_replicates_redo_the_whole_procedure_without_each_group():
+def test_the_replicates_recompute_each_half_without_each_group_the_choices_held():
     rng = np.random.default_rng(2)
     *teachers, student = evaluation(rng, [0.0, 0.05, 0.1, 0.0, 0.02, 0.0])
     cands = [t[1] for t in teachers]
@@ -72,10 +72,10 @@ def test_the_replicates_redo_the_whole_procedure_without_each_group():
         out[h] = Point(pair[h].replicates[j], ())
         return out
 
+    best = [int(np.argmin([c[k].estimate for c in cands])) for k in range(2)]  # on the full halves
     for g in range(GROUPS):
         h, j = g % 2, g // 2
         others = [without(c, h, j) for c in cands]
-        best = [int(np.argmin([c[k].estimate for c in others])) for k in range(2)]
         me = without(student[1], h, j)
         expected = ((me[1].estimate - others[best[0]][1].estimate) + (me[0].estimate - others[best[1]][0].estimate)) / 2
         assert reps[g] == pytest.approx(expected, abs=1e-12)

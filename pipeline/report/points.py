@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.results import COLUMNS, LOWER_IS_BETTER, point_key, read_halves, read_replicates
-from pipeline.evaluation.selection import crossfit_difference, pair
+from pipeline.evaluation.selection import chosen, crossfit_difference, pair
 from pipeline.evaluation.uncertainty import Point, compare, compare_replicates
 
 FLOOR = ("oracle", "input")  # the floor stage's rows: the evaluated inputs' x0 and y
@@ -106,8 +106,7 @@ class Results:
     def best(self, teacher):
         """The teacher's best point (`Best`): its lowest FID on each half of the inputs."""
         rows = self.distinct(self.teacher_rows(teacher))
-        candidates = [self._halves(r) for _, r in rows.iterrows()]
-        _, _, (i0, i1) = crossfit_difference(candidates[0], candidates)
+        i0, i1 = chosen([self._halves(r) for _, r in rows.iterrows()])
         return Best(teacher, (rows.iloc[i0], rows.iloc[i1]), tuple(self.label(rows.iloc[i]) for i in (i0, i1)))
 
     def compare_best(self, point, teacher=None):
